@@ -1,0 +1,26 @@
+"""Segment Anything, our implementation: loads Meta's official checkpoints unchanged.
+
+Existing code works by changing one import::
+
+    from sam import sam_model_registry, SamPredictor
+"""
+
+from .checkpoint import CheckpointError
+from .config import model_config, model_names
+from .model import Sam, build_sam_from_config
+from .predictor import SamPredictor
+from .registry import build_sam, sam_model_registry
+from .transforms import ResizeLongestSide
+
+__all__ = [
+    "CheckpointError",
+    "ResizeLongestSide",
+    "Sam",
+    "SamPredictor",
+    "build_sam",
+    "build_sam_from_config",
+    "model_config",
+    "model_names",
+    "sam_model_registry",
+]
+__version__ = "0.1.0"
