@@ -1,0 +1,121 @@
+"""The generator's vectorised building blocks against the reference's utilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sam import amg_ops as ops
+from tests.reference import segment_anything  # noqa: F401  (skips without the oracle)
+
+ref_amg = pytest.importorskip("segment_anything.utils.amg")
+mask_utils = pytest.importorskip("pycocotools.mask")
+
+
+def random_masks(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Blobs, stripes, full and empty masks: every edge case of run-length coding."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 1, max(2, h // 8), max(2, w // 8), generator=g)
+    m = F.interpolate(low, (h, w), mode="bilinear", align_corners=False)[:, 0] > 0.3
+    m[0] = False
+    if n > 1:
+        m[1] = True
+    if n > 2:
+        m[2] = False
+        m[2, :, ::3] = True  # vertical stripes: runs span whole columns and join
+    if n > 3:
+        m[3] = False
+        m[3, -1, -1] = True
+        m[3, 0, 0] = True
+    return m
+
+
+@pytest.mark.parametrize("n_per_side,layers,scale", [(32, 0, 1), (16, 2, 2), (7, 1, 3)])
+def test_point_grids(n_per_side, layers, scale):
+    ours = ops.layer_point_grids(n_per_side, layers, scale)
+    ref = ref_amg.build_all_layer_point_grids(n_per_side, layers, scale)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("size", [(1500, 2000), (1500, 2250), (2060, 1500), (333, 517)])
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_crop_boxes(size, layers):
+    ours = ops.crop_boxes(size, layers, 512 / 1500)
+    ref = ref_amg.generate_crop_boxes(size, layers, 512 / 1500)
+    assert ours == (ref[0], ref[1])
+
+
+def test_sa1b_crop_windows():
+    """FORMAT.md: a 2000x1500 image has 1256x1006 (layer 1) and 692x567 (layer 2) crops."""
+    boxes, layers = ops.crop_boxes((1500, 2000), 2, 512 / 1500)
+    sizes = {(b[2] - b[0], b[3] - b[1]) for b, layer in zip(boxes, layers) if layer == 1}
+    assert (1256, 1006) in sizes
+    sizes = {(b[2] - b[0], b[3] - b[1]) for b, layer in zip(boxes, layers) if layer == 2}
+    assert (692, 567) in sizes
+
+
+def test_stability_and_boxes_match_reference():
+    logits = torch.randn(6, 57, 83) * 3
+    ref = ref_amg.calculate_stability_score(logits, 0.0, 1.0)
+    torch.testing.assert_close(ops.stability_score(logits, 0.0, 1.0), ref)
+    masks = random_masks(6, 57, 83)
+    assert torch.equal(ops.masks_to_boxes(masks), ref_amg.batched_mask_to_box(masks))
+
+
+def test_near_crop_edge_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    boxes = torch.randint(0, 300, (200, 4), generator=g)
+    boxes[:, 2:] = boxes[:, :2] + torch.randint(0, 200, (200, 2), generator=g)
+    crop, image = [100, 50, 500, 400], [0, 0, 500, 600]
+    ref = ref_amg.is_box_near_crop_edge(boxes, crop, image)
+    assert torch.equal(ops.near_crop_edge(boxes, crop, image), ref)
+
+
+@pytest.mark.parametrize(
+    "crop,image",
+    [((0, 0, 40, 30), (30, 40)), ((10, 5, 50, 35), (60, 70)), ((0, 7, 70, 37), (60, 70)),
+     ((13, 0, 33, 60), (60, 70))],
+)
+def test_runs_in_image_frame_match_pycocotools(crop, image):
+    """Run lengths of crop masks placed in the image equal pycocotools' on padded masks."""
+    x0, y0, x1, y1 = crop
+    masks = random_masks(7, y1 - y0, x1 - x0, seed=x0 + y0)
+    runs = ops.masks_to_runs(masks, (x0, y0), image)
+    padded = torch.zeros(len(masks), *image, dtype=torch.bool)
+    padded[:, y0:y1, x0:x1] = masks
+    for counts, m in zip(runs, padded):
+        arr = np.asfortranarray(m.numpy().astype(np.uint8))
+        expect = mask_utils.frPyObjects(ref_amg.mask_to_rle_pytorch(m[None])[0], *image)
+        got = {"size": list(image), "counts": counts.tolist()}
+        assert got == ref_amg.mask_to_rle_pytorch(m[None])[0]
+        assert mask_utils.decode(mask_utils.frPyObjects(got, *image)).tolist() == arr.tolist()
+        assert ops.runs_area(counts) == int(m.sum()) == int(mask_utils.area(expect))
+        np.testing.assert_array_equal(ops.runs_to_mask(counts, image), m.numpy())
+        np.testing.assert_array_equal(ops.mask_to_runs_np(m.numpy()), counts)
+
+
+def test_upsample_matches_reference_postprocess():
+    """Partial first-stage upsampling gives the reference's numbers."""
+    from tests.conftest import SMALL_CONFIG
+    from tests.reference import build_reference_sam
+
+    ref = build_reference_sam(SMALL_CONFIG)
+    low = torch.randn(5, 3, 64, 64)
+    for input_size, out in [((256, 171), (600, 401)), ((99, 256), (200, 517)), ((256, 256), (256, 256))]:
+        expect = ref.postprocess_masks(low, input_size, out)
+        got = ops.upsample_logits(low.flatten(0, 1), 256, input_size, out).view_as(expect)
+        torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+def test_remove_small_regions_matches_reference(mode):
+    masks = random_masks(5, 80, 90, seed=4).numpy()
+    for m in masks[4:]:
+        a, ca = ops.remove_small_regions(m, 30, mode)
+        b, cb = ref_amg.remove_small_regions(m, 30, mode)
+        assert ca == cb
+        np.testing.assert_array_equal(a, b)
