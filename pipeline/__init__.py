@@ -1,0 +1,61 @@
+"""The data plane: fsspec I/O, SA-1B shard reader/writer, seek and Parquet indexes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.parquet_index import (
+    IndexPartBuilder,
+    index_rows_from_record,
+    index_shard,
+    is_indexed,
+    write_index_part,
+)
+from pipeline.sa1b_reader import (
+    CorruptShardError,
+    RecordError,
+    SA1BRecord,
+    ShardFormatError,
+    ShardReader,
+    ShardReport,
+    TruncatedShardError,
+)
+from pipeline.sa1b_writer import ShardWriter, shard_name, write_image_json, write_shard
+from pipeline.seek_index import (
+    SeekIndex,
+    ShardRandomAccess,
+    build_seek_index,
+    find_record_by_scan,
+)
+
+__all__ = [
+    "CorruptShardError",
+    "IndexPartBuilder",
+    "RecordError",
+    "SA1BDataset",
+    "SA1BRecord",
+    "SeekIndex",
+    "ShardFormatError",
+    "ShardRandomAccess",
+    "ShardReader",
+    "ShardReport",
+    "ShardWriter",
+    "TruncatedShardError",
+    "build_seek_index",
+    "find_record_by_scan",
+    "index_rows_from_record",
+    "index_shard",
+    "is_indexed",
+    "shard_name",
+    "write_image_json",
+    "write_index_part",
+    "write_shard",
+]
+
+
+def __getattr__(name: str) -> Any:  # torch is imported only when the dataset is used
+    if name == "SA1BDataset":
+        from pipeline.sa1b_dataset import SA1BDataset
+
+        return SA1BDataset
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

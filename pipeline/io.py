@@ -1,0 +1,140 @@
+"""fsspec helpers: every path in the pipeline goes through here.
+
+Local paths, ``file://``, ``s3://``, ``https://`` and ``memory://`` behave the same. S3
+endpoints come from the standard chain (``FSSPEC_S3_ENDPOINT_URL``, ``AWS_*``); nothing
+here logs credentials or query strings of signed URLs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+__all__ = [
+    "atomic_write",
+    "basename",
+    "exists",
+    "is_local",
+    "join",
+    "list_dir",
+    "makedirs",
+    "open_url",
+    "redact",
+    "url_to_fs",
+    "write_bytes",
+]
+
+
+def is_local(url: str) -> bool:
+    fs, _ = url_to_fs(url)
+    return "file" in _protocols(fs)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def redact(url: str) -> str:
+    """``url`` without its query string (signed URLs carry secrets there)."""
+    return url.split("?", 1)[0]
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URL."""
+    if "://" in base:
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(redact(url).rstrip("/"))
+
+
+def open_url(url: str, mode: str = "rb", **kwargs: Any) -> IO:
+    """Open ``url`` through fsspec (no compression inference: we sniff bytes ourselves).
+    ``kwargs`` go to the file (e.g. ``block_size``), not to the filesystem."""
+    fs, path = url_to_fs(url)
+    return fs.open(path, mode, **kwargs)
+
+
+def exists(url: str) -> bool:
+    """Whether ``url`` exists, asking the store (not fsspec's listing cache)."""
+    fs, path = url_to_fs(url)
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+    return fs.exists(path)
+
+
+def list_dir(url: str) -> list[str]:
+    """Full paths directly under ``url``, bypassing the listing cache; [] if absent."""
+    fs, path = url_to_fs(url)
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True)
+    except TypeError:  # filesystems without a refresh flag
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    proto = _protocols(fs)[0]
+    if proto in ("file", "local"):
+        return sorted(entries)
+    return sorted(e if "://" in e else f"{proto}://{e}" for e in entries)
+
+
+def makedirs(url: str) -> None:
+    fs, path = url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
+    """Write ``url`` so that a reader sees either nothing or the complete file.
+
+    Local files: a hidden sibling temp file, ``fsync``, then ``os.replace``. Object
+    stores (no rename): the object is written once at its final key; the upload completes
+    only when the stream closes without error, and a failed upload is aborted.
+    """
+    fs, path = url_to_fs(url)
+    if "file" in _protocols(fs) or "local" in _protocols(fs):
+        path = os.path.abspath(path)
+        d, name = os.path.split(path)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+        return
+    f = fs.open(path, mode)
+    try:
+        yield f
+    except BaseException:
+        # do not commit a partial object: discard the buffered upload
+        with contextlib.suppress(Exception):
+            f.discard()
+        with contextlib.suppress(Exception):
+            f.closed = True
+        raise
+    else:
+        f.close()
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomically write ``data`` to ``url`` (see :func:`atomic_write`)."""
+    with atomic_write(url) as f:
+        f.write(data)

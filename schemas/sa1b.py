@@ -1,0 +1,89 @@
+"""JSON Schema of the per-image SA-1B annotation file (``sa_<id>.json``).
+
+The schema itself lives in ``sa1b_image.schema.json`` (package data, usable from any
+language). It checks structure and types; :func:`semantic_errors` adds the checks JSON
+Schema cannot express (segmentation size equals ``[height, width]``, file name matches the
+image id, annotation ids unique).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+
+__all__ = [
+    "SA1BSchemaError",
+    "iter_schema_errors",
+    "sa1b_image_schema",
+    "semantic_errors",
+    "validate_sa1b_image",
+]
+
+
+class SA1BSchemaError(ValueError):
+    """A per-image SA-1B record that does not follow the format."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = messages
+        head = messages[0] if messages else "invalid SA-1B record"
+        more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
+        super().__init__(head + more)
+
+
+@lru_cache(maxsize=1)
+def sa1b_image_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) as a dict."""
+    text = resources.files(__package__).joinpath("sa1b_image.schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.protocols.Validator:
+    schema = sa1b_image_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _where(err: jsonschema.ValidationError) -> str:
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+    return path.lstrip(".") or "<root>"
+
+
+def iter_schema_errors(record: Any) -> Iterator[str]:
+    """Human-readable schema violations of ``record`` (empty when valid)."""
+    for err in sorted(_validator().iter_errors(record), key=lambda e: list(e.absolute_path)):
+        yield f"{_where(err)}: {err.message}"
+
+
+def semantic_errors(record: dict[str, Any]) -> list[str]:
+    """Consistency checks beyond the schema; assumes the record passed the schema."""
+    out: list[str] = []
+    img = record["image"]
+    h, w = img["height"], img["width"]
+    seen: set[int] = set()
+    for i, ann in enumerate(record["annotations"]):
+        size = ann["segmentation"]["size"]
+        if list(size) != [h, w]:
+            out.append(
+                f"annotations[{i}].segmentation.size: {size} differs from the image's "
+                f"[height, width] = {[h, w]}"
+            )
+        if ann["id"] in seen:
+            out.append(f"annotations[{i}].id: duplicate id {ann['id']}")
+        seen.add(ann["id"])
+    return out
+
+
+def validate_sa1b_image(record: Any, *, semantic: bool = True) -> None:
+    """Raise :class:`SA1BSchemaError` listing every problem of ``record``."""
+    errors = list(iter_schema_errors(record))
+    if not errors and semantic:
+        errors = semantic_errors(record)
+    if errors:
+        raise SA1BSchemaError(errors)

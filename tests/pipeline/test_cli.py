@@ -1,0 +1,242 @@
+"""The sa1b-decode CLI end to end on synthetic shards and the real samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from sam import rle
+from tests.pipeline.conftest import members_of, write_members
+from tests.sa1b_samples import sa1b_path
+
+
+@pytest.fixture
+def shards(tmp_path):
+    from pipeline.synthetic import write_synthetic_shard
+
+    out = []
+    for s in range(2):
+        p = tmp_path / "in" / f"sa_00000{s}.tar"
+        write_synthetic_shard(str(p), 4, first_id=1 + 10 * s, seed=s, h=60, w=80, masks=5)
+        out.append(p)
+    return out
+
+
+def test_info_table_and_exit_codes(shards, tmp_path, capsys, caplog):
+    assert main(["info", *map(str, shards)]) == 0
+    out = capsys.readouterr().out
+    assert "sa_000000.tar" in out and " 4 " in out and "ok" in out
+    bad = tmp_path / "sa_000009.tar"
+    bad.write_bytes(shards[0].read_bytes()[:-3000])
+    assert main(["info", "--json", str(bad)]) == 1
+    assert json.loads(capsys.readouterr().out)[0]["complete"] is False
+    assert main(["info", str(tmp_path / "missing.tar")]) == 2
+    notar = tmp_path / "x.tar"
+    notar.write_text("<html>expired</html>" * 40)
+    assert main(["info", str(notar)]) == 2
+    assert "x.tar: not a tar or gzip-compressed tar" in caplog.text
+
+
+def test_index_parallel_resumable(shards, tmp_path, capsys):
+    out = str(tmp_path / "idx")
+    assert main(["index", *map(str, shards), "--out", out, "--workers", "2"]) == 0
+    assert "total: 8 images, 40 masks" in capsys.readouterr().out
+    assert len(pd.read_parquet(out + "/images")) == 8
+    assert main(["index", *map(str, shards), "--out", out, "--workers", "1"]) == 0
+    assert "already indexed" in capsys.readouterr().out
+
+
+def test_extract_npz_png_and_safety(shards, tmp_path):
+    out = tmp_path / "ex"
+    seek = tmp_path / "idx"
+    assert main(["index", str(shards[1]), "--out", str(seek)]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(shards[1]),
+                "--out",
+                str(out),
+                "--ids",
+                "12,13",
+                "--masks",
+                "npz",
+                "--seek-dir",
+                str(seek / "seek"),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sa_12.jpg",
+        "sa_12.json",
+        "sa_12.masks.npz",
+        "sa_13.jpg",
+        "sa_13.json",
+        "sa_13.masks.npz",
+    ]
+    rec = json.loads((out / "sa_12.json").read_text())
+    with np.load(out / "sa_12.masks.npz") as z:
+        for a in rec["annotations"]:
+            np.testing.assert_array_equal(z[str(a["id"])], rle.decode(a["segmentation"]))
+    assert main(["extract", str(shards[0]), "--out", str(out / "png"), "--masks", "png"]) == 0
+    from PIL import Image
+
+    rec = json.loads((out / "png" / "sa_2.json").read_text())
+    a = rec["annotations"][1]
+    png = np.asarray(Image.open(out / "png" / "sa_2_masks" / f"{a['id']}.png"))
+    np.testing.assert_array_equal(png.astype(bool), rle.decode(a["segmentation"]))
+    assert main(["extract", str(shards[0]), "--out", str(out), "--ids", "999"]) == 1
+
+
+def test_extract_never_writes_outside_the_target(tmp_path):
+    import tarfile
+
+    from tests.pipeline.conftest import write_raw_tar
+
+    members, _ = members_of(1)
+    entries = []
+    for name, data in [("../escape.jpg", b"x"), ("../../sa_5.json", b"{}"), *members]:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        entries.append((ti, data))
+    link = tarfile.TarInfo("sa_6.jpg")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "../../outside"
+    entries.append((link, None))
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    shard = write_raw_tar(tmp_path / "a" / "b" / "sa_000001.tar", entries)
+    target = tmp_path / "a" / "b" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    assert main(["extract", str(shard), "--out", str(target), "--masks", "png"]) == 0
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(target in p.parents or p == target for p in new)
+
+
+def test_coco_output_loads_in_pycocotools(shards, tmp_path):
+    coco_mod = pytest.importorskip("pycocotools.coco")
+    out = tmp_path / "coco.json"
+    assert main(["coco", str(shards[0]), "--out", str(out)]) == 0
+    coco = coco_mod.COCO(str(out))
+    assert len(coco.getImgIds()) == 4 and len(coco.getAnnIds()) == 20
+    ann = coco.loadAnns(coco.getAnnIds())[0]
+    m = coco.annToMask(ann)
+    assert m.sum() == ann["area"]
+    from pycocotools import mask as mask_api
+
+    seg = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+    assert ann["bbox"] == mask_api.toBbox(seg).tolist()  # COCO convention by default
+
+
+def test_show_writes_an_overlay_png(shards, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "ov.png"
+    assert main(["show", str(shards[0]), "--id", "3", "--out", str(out)]) == 0
+    im = np.asarray(Image.open(out))
+    assert im.shape == (60, 80, 3)
+    assert main(["show", str(shards[0]), "--id", "77", "--out", str(out)]) == 2
+
+
+def test_validate_shards_md5_and_real_json(shards, tmp_path, capsys):
+    checklist = tmp_path / "md5.txt"
+    checklist.write_text(
+        "".join(f"{hashlib.md5(p.read_bytes()).hexdigest()}  {p.name}\n" for p in shards)
+    )
+    assert main(["validate", *map(str, shards), "--md5", str(checklist)]) == 0
+    assert "md5 ok" in capsys.readouterr().out
+    checklist.write_text(f"{'0' * 32}  {shards[0].name}\n")
+    assert main(["validate", str(shards[0]), "--md5", str(checklist)]) == 1
+    assert "!= checklist" in capsys.readouterr().out
+    # bad RLE inside a shard
+    members, records = members_of(2)
+    rec = records[2][1]
+    rec["annotations"][0]["segmentation"]["counts"] = rle.counts_to_string([3, 4])
+    members[3] = ("./sa_2.json", json.dumps(rec).encode())
+    bad = write_members(tmp_path / "sa_000007.tar", members)
+    assert main(["validate", str(bad)]) == 1
+    assert "sum to 7" in capsys.readouterr().out
+    # the real samples and the real checklist's format
+    assert (
+        main(
+            [
+                "validate",
+                str(sa1b_path("sa_226381.excerpt.json")),
+                str(sa1b_path("other_real_excerpts.json")),
+            ]
+        )
+        == 0
+    )
+    real = sa1b_path("sa1b_md5_checklist.txt")
+    from pipeline.download import read_md5_checklist
+
+    md5s = read_md5_checklist(str(real))
+    assert len(md5s) == 1000 and md5s["sa_000000.tar"] == "78d0f487c735a3de86ae6e1b0ff24ea9"
+
+
+def test_download_status_resume_md5(http_server, tmp_path, capsys, caplog):
+    base, root, srv = http_server
+    payload = members_of(3)[0]
+    shard = write_members(root / "sa_000020.tar", payload)
+    data = shard.read_bytes()
+    md5 = hashlib.md5(data).hexdigest()
+    links = tmp_path / "SA-1B_links.txt"
+    links.write_text(
+        "file_name\tcdn_link\n"
+        f"sa_000021.tar\t{base}/expired/sa_000021.tar?oe=abc&oh=SECRET\n"
+        f"sa_000020.tar\t{base}/sa_000020.tar?oh=SECRET\n"
+        f"sa_000022.tar\t{base}/fake200/sa_000022.tar\n"
+    )
+    checklist = tmp_path / "md5.txt"
+    checklist.write_text(f"{md5}  sa_000020.tar\n")
+    out = tmp_path / "dl"
+    out.mkdir()
+    (out / "sa_000020.tar.part").write_bytes(data[:1000])  # an interrupted download
+    assert main(["download", str(links), "--out", str(out), "--md5", str(checklist)]) == 1
+    captured = capsys.readouterr()
+    assert (out / "sa_000020.tar").read_bytes() == data
+    assert "sa_000020.tar: resumed" in captured.out and "md5 ok" in captured.out
+    assert "403" in captured.out and "SECRET" not in captured.out + captured.err + caplog.text
+    assert not (out / "sa_000021.tar").exists() and not (out / "sa_000021.tar.part").exists()
+    assert not (out / "sa_000022.tar").exists() and not (out / "sa_000022.tar.part").exists()
+    assert (1000, len(data) - 1) in srv.ranges
+    # md5 mismatch: nothing is kept under the final name
+    checklist.write_text(f"{'f' * 32}  sa_000020.tar\n")
+    (out / "sa_000020.tar").unlink()
+    assert (
+        main(
+            [
+                "download",
+                str(links),
+                "--out",
+                str(out),
+                "--md5",
+                str(checklist),
+                "--only",
+                "sa_000020.tar",
+            ]
+        )
+        == 1
+    )
+    assert not (out / "sa_000020.tar").exists()
+
+
+def test_links_file_shape_of_the_real_one():
+    from pipeline.download import read_links
+
+    links = read_links(str(sa1b_path("SA-1B_links_head_truncated.txt")))
+    assert list(links)[:2] == ["sa_000020.tar", "sa_000021.tar"]
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("info", "index", "extract", "coco", "show", "validate", "download"):
+        assert cmd in out

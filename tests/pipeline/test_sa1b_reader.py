@@ -1,0 +1,231 @@
+"""Streaming reader on shards our writer makes: pairing, memory bound, damage, safety."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import tarfile
+
+import numpy as np
+import pytest
+
+from pipeline.sa1b_reader import (
+    CorruptShardError,
+    RecordError,
+    ShardFormatError,
+    ShardReader,
+    TruncatedShardError,
+)
+from sam import rle
+from tests.pipeline.conftest import members_of, write_members, write_raw_tar
+
+
+def _read(path, **kw):
+    r = ShardReader(str(path), **kw)
+    return {rec.image_id: rec for rec in r}, r.report
+
+
+def test_roundtrip_records_images_and_masks(small_shard):
+    path, records = small_shard
+    got, rep = _read(path)
+    assert rep.complete and rep.ok and rep.compression == "gzip"
+    assert sorted(got) == sorted(records)
+    for image_id, (jpeg, rec) in records.items():
+        r = got[image_id]
+        assert r.jpeg_bytes == jpeg
+        assert r.data == rec
+        assert r.image().shape == (40, 56, 3)
+        for i, a in enumerate(rec["annotations"]):
+            np.testing.assert_array_equal(r.mask(i), rle.decode(a["segmentation"]))
+    assert rep.images == 6 and rep.members == 12
+
+
+def test_shuffled_members_pair_by_stem_and_spill_past_the_memory_bound(tmp_path):
+    members, records = members_of(30, seed=3)
+    random.Random(0).shuffle(members)
+    path = write_members(tmp_path / "sa_000002.tar", members)
+    reader = ShardReader(str(path), max_pending_bytes=2000)  # forces spilling
+    got = {r.image_id: r for r in reader}
+    assert reader.report.ok
+    assert reader.spilled_bytes > 0
+    assert {i: (r.jpeg_bytes, r.data) for i, r in got.items()} == records
+
+
+def test_truncated_gzip_salvages_what_came_before(tmp_path):
+    members, records = members_of(20, seed=1)
+    full = write_members(tmp_path / "full.tar", members).read_bytes()
+    cut = tmp_path / "sa_000003.tar"
+    cut.write_bytes(full[: len(full) * 2 // 3])
+    got, rep = _read(cut)
+    assert not rep.complete and "truncated" in rep.error
+    assert 0 < len(got) < 20
+    for i, r in got.items():  # what was salvaged is intact
+        assert r.data == records[i][1] and r.jpeg_bytes == records[i][0]
+    with pytest.raises(TruncatedShardError):
+        list(ShardReader(str(cut), on_error="raise"))
+
+
+def test_corrupt_gzip_bytes_are_reported(tmp_path):
+    members, _ = members_of(20, seed=1)
+    data = bytearray(write_members(tmp_path / "a.tar", members).read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = bytes(64)
+    bad = tmp_path / "sa_000004.tar"
+    bad.write_bytes(bytes(data))
+    got, rep = _read(bad)
+    assert not rep.complete and rep.error
+    assert len(got) < 20
+    with pytest.raises(CorruptShardError):
+        list(ShardReader(str(bad), on_error="raise"))
+
+
+def test_corrupt_json_member_is_a_record_error_not_a_crash(tmp_path):
+    members, _ = members_of(3)
+    members[3] = ("./sa_2.json", b'{"image": {"image_id": 2, ')
+    got, rep = _read(write_members(tmp_path / "sa_000005.tar", members))
+    assert rep.complete and sorted(got) == [1, 2, 3]
+    assert got[1].annotations
+    with pytest.raises(RecordError, match="sa_2.json"):
+        _ = got[2].annotations
+
+
+def test_rle_whose_runs_do_not_sum_is_detected(tmp_path):
+    members, records = members_of(2)
+    rec = records[1][1]
+    rec["annotations"][0]["segmentation"]["size"] = [41, 56]  # runs now sum to 40*56
+    members[1] = ("./sa_1.json", json.dumps(rec).encode())
+    got, _ = _read(write_members(tmp_path / "sa_000006.tar", members))
+    with pytest.raises(rle.RLEError, match="sum to"):
+        got[1].mask(0)
+
+
+def test_unsafe_and_foreign_members_are_skipped_and_reported(tmp_path):
+    members, _ = members_of(2)
+    escape = tarfile.TarInfo("../escape.jpg")
+    escape.size = 3
+    absolute = tarfile.TarInfo("/etc/sa_9.json")
+    absolute.size = 2
+    link = tarfile.TarInfo("./sa_7.jpg")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    hard = tarfile.TarInfo("./sa_8.jpg")
+    hard.type = tarfile.LNKTYPE
+    hard.linkname = "./sa_1.jpg"
+    readme = tarfile.TarInfo("README")
+    readme.size = 2
+    entries = [(escape, b"bad"), (absolute, b"{}"), (link, None), (hard, None), (readme, b"hi")]
+    for name, data in members:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        entries.append((ti, data))
+    got, rep = _read(write_raw_tar(tmp_path / "sa_000007.tar", entries))
+    assert rep.complete and sorted(got) == [1, 2]
+    reasons = dict(rep.skipped)
+    assert "escapes" in reasons["../escape.jpg"]
+    assert "absolute" in reasons["/etc/sa_9.json"]
+    assert "link" in reasons["./sa_7.jpg"] and "link" in reasons["./sa_8.jpg"]
+    assert "README" in reasons
+    assert not rep.ok
+
+
+def test_plain_uncompressed_tar_is_read(tmp_path):
+    members, records = members_of(4)
+    path = write_members(tmp_path / "sa_000008.tar", members, gzip=False)
+    assert path.read_bytes()[:2] != b"\x1f\x8b"
+    got, rep = _read(path)
+    assert rep.complete and rep.compression == "none" and sorted(got) == sorted(records)
+
+
+def test_gzip_is_sniffed_not_trusted_from_the_name(tmp_path):
+    members, records = members_of(2)
+    path = write_members(tmp_path / "weird_name.bin", members)
+    got, rep = _read(path)
+    assert rep.compression == "gzip" and sorted(got) == sorted(records)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"<!DOCTYPE html><html>403 Forbidden</html>" * 20, b"", gzip.compress(b"not a tar" * 100)],
+)
+def test_non_tar_inputs_raise_clear_errors(tmp_path, payload):
+    path = tmp_path / "sa_000009.tar"
+    path.write_bytes(payload)
+    if payload.startswith(b"\x1f\x8b"):  # gzip of garbage: the tar layer complains
+        _, rep = _read(path)
+        assert not rep.complete and "checksum" in rep.error
+    else:
+        with pytest.raises(ShardFormatError, match="sa_000009.tar"):
+            list(ShardReader(str(path)))
+
+
+def test_md5_of_the_raw_file(small_shard):
+    import hashlib
+
+    path, _ = small_shard
+    _, rep = _read(path, md5=True)
+    assert rep.md5 == hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_missing_partner_is_reported_unpaired(tmp_path):
+    members, _ = members_of(3)
+    del members[2]  # sa_2.jpg
+    got, rep = _read(write_members(tmp_path / "sa_000010.tar", members))
+    assert sorted(got) == [1, 3] and rep.unpaired == ["sa_2.json"]
+
+
+def test_writer_is_deterministic_and_sa1b_shaped(tmp_path):
+    from pipeline.synthetic import write_synthetic_shard
+
+    a = tmp_path / "a" / "sa_000011.tar"
+    b = tmp_path / "b" / "sa_000011.tar"
+    write_synthetic_shard(str(a), 3)
+    write_synthetic_shard(str(b), 3)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes()[:2] == b"\x1f\x8b"
+    with tarfile.open(a) as tf:
+        assert tf.getnames() == [f"./sa_{i}.{e}" for i in (1, 2, 3) for e in ("jpg", "json")]
+        assert all(m.isfile() and m.mtime == 0 for m in tf.getmembers())
+
+
+def test_writer_reports_member_offsets_the_reader_finds(tmp_path):
+    from pipeline.sa1b_writer import ShardWriter
+
+    members, records = members_of(3)
+    locs = {}
+    with ShardWriter(str(tmp_path / "sa_000013.tar")) as w:
+        for image_id, (jpeg, rec) in records.items():
+            locs[image_id] = w.add(image_id, jpeg, rec)
+    got, _ = _read(tmp_path / "sa_000013.tar")
+    for image_id, (jpg, js) in locs.items():
+        r = got[image_id]
+        assert jpg == (r.jpg_offset, r.jpg_size) and js == (r.json_offset, r.json_size)
+
+
+def test_writer_leaves_nothing_when_interrupted(tmp_path):
+    from pipeline.sa1b_writer import ShardWriter
+
+    target = tmp_path / "sa_000012.tar"
+    with pytest.raises(RuntimeError), ShardWriter(str(target)) as w:
+        w.add(1, b"jpeg", {"image": {"image_id": 1}, "annotations": []})
+        raise RuntimeError("worker died")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_splits_shards_across_workers(tmp_path):
+    torch = pytest.importorskip("torch")
+    from pipeline.sa1b_dataset import SA1BDataset, shards_for_worker
+    from pipeline.synthetic import write_synthetic_shard
+
+    urls = []
+    for s in range(3):
+        p = tmp_path / f"sa_00000{s}.tar"
+        write_synthetic_shard(str(p), 2, first_id=1 + 10 * s, seed=s)
+        urls.append(str(p))
+    parts = [shards_for_worker(urls, w, 2) for w in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(urls) and not set(parts[0]) & set(parts[1])
+    ds = SA1BDataset(urls, transform=lambda r: r.image_id)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    assert sorted(loader) == [1, 2, 11, 12, 21, 22]
+    sample = next(iter(SA1BDataset(urls[:1])))
+    assert sample["image"].shape == (48, 64, 3) and sample["annotations"]
