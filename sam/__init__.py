@@ -2,9 +2,10 @@
 
 Existing code works by changing one import::
 
-    from sam import sam_model_registry, SamPredictor
+    from sam import sam_model_registry, SamPredictor, SamAutomaticMaskGenerator
 """
 
+from .amg import PRESETS, SamAutomaticMaskGenerator
 from .checkpoint import CheckpointError
 from .config import model_config, model_names
 from .model import Sam, build_sam_from_config
@@ -14,6 +15,8 @@ from .transforms import ResizeLongestSide
 
 __all__ = [
     "CheckpointError",
+    "PRESETS",
+    "SamAutomaticMaskGenerator",
     "ResizeLongestSide",
     "Sam",
     "SamPredictor",

@@ -54,14 +54,17 @@ OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 @dataclass
 class _Masks:
-    """Kept masks of one image, in the image frame (run lengths instead of pixels)."""
+    """Masks of one image kept so far. Pixels are not materialised: each mask is its
+    low-res logits plus the crop it came from; full-resolution masks are built once,
+    for the masks that survive every filter and NMS."""
 
-    runs: list[np.ndarray] = field(default_factory=list)
-    boxes: list[torch.Tensor] = field(default_factory=list)  # XYXY inclusive, int64
+    low_res: list[torch.Tensor] = field(default_factory=list)
+    crop_ids: list[torch.Tensor] = field(default_factory=list)  # index into `crops`
+    boxes: list[torch.Tensor] = field(default_factory=list)  # XYXY inclusive, image frame
     iou: list[torch.Tensor] = field(default_factory=list)
     stability: list[torch.Tensor] = field(default_factory=list)
     points: list[np.ndarray] = field(default_factory=list)
-    crops: list[np.ndarray] = field(default_factory=list)
+    crops: list[tuple[list[int], tuple[int, int]]] = field(default_factory=list)  # box, input size
 
 
 class SamAutomaticMaskGenerator:
@@ -171,99 +174,99 @@ class SamAutomaticMaskGenerator:
         per_image = [_Masks() for _ in images]
         float_boxes = [False] * len(images)
         float_crops = [False] * len(images)
-        # Encode crops in groups of equal layer (similar sizes), a few at a time.
+        # Crops (of one or several images) are encoded a few at a time in one batch.
         group = 4 if self.model.device.type == "cpu" else 16
         for start in range(0, len(jobs), group):
             chunk = jobs[start : start + group]
-            crops = []
-            for i, box, _ in chunk:
-                x0, y0, x1, y1 = box
-                crops.append(images[i][y0:y1, x0:x1])
+            crops = [images[i][b[1] : b[3], b[0] : b[2]] for i, b, _ in chunk]
             with self._timed("encoder"):
                 self.predictor.set_images(crops)
             for k, (i, box, layer) in enumerate(chunk):
                 self.predictor.select(k)
-                crop_size = crops[k].shape[:2]
-                res, empty_batch = self._process_crop(crop_size, box, layer, images[i].shape[:2])
+                kept, empty_batch = self._process_crop(
+                    per_image[i], crops[k].shape[:2], box, layer, images[i].shape[:2]
+                )
                 float_boxes[i] |= empty_batch
-                if not res.runs:
-                    float_crops[i] = True  # the reference's empty crop makes crop boxes float
-                self._append(per_image[i], res)
+                float_crops[i] |= kept == 0  # the reference's empty crop makes crop boxes float
             self.predictor.reset_image()
         out = []
         for i, image in enumerate(images):
-            data = self._merge_crops(per_image[i], image.shape[:2])
+            data = self._finish_image(per_image[i], image.shape[:2])
             data["float_boxes"] = float_boxes[i]
             data["float_crops"] = float_crops[i]
             out.append(data)
         return out
 
-    @staticmethod
-    def _append(dst: _Masks, src: _Masks) -> None:
-        dst.runs += src.runs
-        dst.boxes += src.boxes
-        dst.iou += src.iou
-        dst.stability += src.stability
-        dst.points += src.points
-        dst.crops += src.crops
-
     def _process_crop(
-        self, crop_size: tuple[int, int], crop_box: list[int], layer: int, image_size: tuple[int, int]
-    ) -> tuple[_Masks, bool]:
+        self,
+        dst: _Masks,
+        crop_size: tuple[int, int],
+        crop_box: list[int],
+        layer: int,
+        image_size: tuple[int, int],
+    ) -> tuple[int, bool]:
+        """Run the point grid of one crop; append the crop's NMS survivors to `dst`.
+        Returns how many were kept and whether a reference-sized point batch came out
+        empty (which makes the reference's boxes floats)."""
         dev = self.model.device
         grid = self.point_grids[layer]
         points = grid * np.array(crop_size)[None, ::-1]  # crop pixels, float64
         transformed = self.predictor.transform.apply_coords(points, crop_size)
         in_points = torch.as_tensor(transformed, dtype=torch.float, device=dev)
-        boxes, iou, stab, runs, src_idx = [], [], [], [], []
-        empty_batch = False
-        # The reference decides box dtypes per batch of `points_per_batch` points.
-        survivors_per_point = torch.zeros(len(points), dtype=torch.bool, device=dev)
+        geometry = ops.TiledUpsampler(
+            self.model.image_encoder.img_size,
+            self._low_res_size(),
+            self.predictor.input_size,
+            crop_size,
+            dev,
+        )
+        parts = []
+        alive = torch.zeros(len(points), dtype=torch.bool, device=dev)
         for s in range(0, len(points), self.batch_size):
-            sl = slice(s, s + self.batch_size)
-            b = self._process_batch(in_points[sl], crop_size, crop_box, image_size, survivors_per_point[sl])
-            if b is None:
+            part = self._process_batch(in_points[s : s + self.batch_size], geometry, crop_box, image_size)
+            if part is None:
                 continue
-            boxes.append(b[0])
-            iou.append(b[1])
-            stab.append(b[2])
-            runs += b[3]
-            src_idx.append(b[4] + s)
+            part["point_idx"] += s
+            alive[part.pop("alive_idx") + s] = True
+            parts.append(part)
+        alive_np = alive.cpu().numpy()
         n_ref = self.points_per_batch
-        alive = survivors_per_point.cpu().numpy()
-        for s in range(0, len(points), n_ref):
-            if not alive[s : s + n_ref].any():
-                empty_batch = True
-        res = _Masks()
-        if not runs:
-            return res, empty_batch
-        boxes_t = torch.cat(boxes)
-        iou_t = torch.cat(iou)
-        stab_t = torch.cat(stab)
-        idx = torch.cat(src_idx).cpu().numpy()
+        empty_batch = any(
+            not alive_np[s : s + n_ref].any() for s in range(0, len(points), n_ref)
+        )
+        parts = [p for p in parts if len(p["iou"])]
+        if not parts:
+            return 0, empty_batch
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         with self._timed("nms"):
             keep = batched_nms(
-                boxes_t.float(), iou_t, torch.zeros_like(boxes_t[:, 0]), self.box_nms_thresh
+                cat["boxes"].float(), cat["iou"], torch.zeros_like(cat["boxes"][:, 0]),
+                self.box_nms_thresh,
             )
-        keep_np = keep.cpu().numpy()
         x0, y0 = crop_box[0], crop_box[1]
         offset = torch.tensor([x0, y0, x0, y0], device=dev)
-        res.boxes = [boxes_t[keep] + offset]
-        res.iou = [iou_t[keep]]
-        res.stability = [stab_t[keep]]
-        res.runs = [runs[j] for j in keep_np]
-        res.points = [points[idx[keep_np]] + np.array([x0, y0], dtype=np.float64)]
-        res.crops = [np.tile(np.array(crop_box, dtype=np.int64), (len(keep_np), 1))]
-        return res, empty_batch
+        crop_id = len(dst.crops)
+        dst.crops.append((list(crop_box), tuple(self.predictor.input_size)))
+        dst.low_res.append(cat["low_res"][keep])
+        dst.crop_ids.append(torch.full((len(keep),), crop_id, dtype=torch.int64, device=dev))
+        dst.boxes.append(cat["boxes"][keep] + offset)
+        dst.iou.append(cat["iou"][keep])
+        dst.stability.append(cat["stability"][keep])
+        idx = cat["point_idx"][keep].cpu().numpy()
+        dst.points.append(points[idx] + np.array([x0, y0], dtype=np.float64))
+        return len(keep), empty_batch
+
+    def _low_res_size(self) -> tuple[int, int]:
+        h, w = self.model.prompt_encoder.mask_input_size
+        return (h, w)
 
     def _process_batch(
         self,
         in_points: torch.Tensor,
-        crop_size: tuple[int, int],
+        geometry: ops.TiledUpsampler,
         crop_box: list[int],
         image_size: tuple[int, int],
-        survivors: torch.Tensor,
-    ):
+    ) -> dict[str, torch.Tensor] | None:
         p = self.predictor
         n = in_points.shape[0]
         labels = torch.ones(n, 1, dtype=torch.int, device=in_points.device)
@@ -279,69 +282,87 @@ class SamAutomaticMaskGenerator:
                 low_res, iou, point_idx = low_res[keep], iou[keep], point_idx[keep]
             if low_res.shape[0] == 0:
                 return None
-            h, w = crop_size
-            chunk = max(1, self.max_upsample_pixels // (h * w))
-            kept_boxes, kept_iou, kept_stab, kept_idx, kept_runs = [], [], [], [], []
-            thr = self.model.mask_threshold
-            for c in range(0, low_res.shape[0], chunk):
-                logits = ops.upsample_logits(
-                    low_res[c : c + chunk], self.model.image_encoder.img_size, p.input_size, crop_size
+            stab, _, boxes = self._stats(low_res, geometry)
+            if self.stability_score_thresh > 0.0:
+                keep = stab >= self.stability_score_thresh
+                low_res, iou, point_idx, stab, boxes = (
+                    low_res[keep], iou[keep], point_idx[keep], stab[keep], boxes[keep]
                 )
-                stab = ops.stability_score(logits, thr, self.stability_score_offset)
-                ci, cidx = iou[c : c + chunk], point_idx[c : c + chunk]
-                if self.stability_score_thresh > 0.0:
-                    keep = stab >= self.stability_score_thresh
-                    logits, stab, ci, cidx = logits[keep], stab[keep], ci[keep], cidx[keep]
-                survivors[cidx] = True
-                masks = logits > thr
-                del logits
-                boxes = ops.masks_to_boxes(masks)
-                keep = ~ops.near_crop_edge(boxes, crop_box, [0, 0, image_size[1], image_size[0]])
-                masks, boxes, stab, ci, cidx = masks[keep], boxes[keep], stab[keep], ci[keep], cidx[keep]
-                if masks.shape[0] == 0:
-                    continue
-                with self._timed("encode"):
-                    kept_runs += ops.masks_to_runs(masks, (crop_box[0], crop_box[1]), image_size)
-                kept_boxes.append(boxes)
-                kept_iou.append(ci)
-                kept_stab.append(stab)
-                kept_idx.append(cidx)
-        if not kept_runs:
-            return None
-        return (
-            torch.cat(kept_boxes),
-            torch.cat(kept_iou),
-            torch.cat(kept_stab),
-            kept_runs,
-            torch.cat(kept_idx),
-        )
+            alive_idx = point_idx.clone()
+            h, w = image_size
+            keep = ~ops.near_crop_edge(boxes, crop_box, [0, 0, w, h])
+        return {
+            "low_res": low_res[keep],
+            "iou": iou[keep],
+            "stability": stab[keep],
+            "boxes": boxes[keep],
+            "point_idx": point_idx[keep],
+            "alive_idx": alive_idx,
+        }
 
-    def _merge_crops(self, data: _Masks, image_size: tuple[int, int]) -> dict[str, Any]:
+    def _stats(self, low_res: torch.Tensor, geometry: ops.TiledUpsampler):
+        """Stability, area and boxes of the upsampled masks: tiled where masks are
+        mostly far from their threshold, dense upsampling (in bounded chunks) otherwise."""
+        thr, off = self.model.mask_threshold, self.stability_score_offset
+        if geometry.mixed_fraction(low_res, thr, off) < 0.25:
+            return geometry.stats(low_res, thr, off)
+        h, w = geometry.out_size
+        chunk = max(1, self.max_upsample_pixels // (h * w))
+        outs = []
+        for c in range(0, low_res.shape[0], chunk):
+            logits = ops.upsample_logits(
+                low_res[c : c + chunk], geometry.model_size, geometry.input_size, geometry.out_size
+            )
+            masks = logits > thr
+            outs.append((ops.stability_score(logits, thr, off), masks.flatten(1).sum(1), ops.masks_to_boxes(masks)))
+        return tuple(torch.cat(t) for t in zip(*outs))
+
+    def _finish_image(self, data: _Masks, image_size: tuple[int, int]) -> dict[str, Any]:
+        """NMS across crops, then full-resolution masks and run lengths for the survivors."""
         dev = self.model.device
-        if not data.runs:
-            return {"runs": [], "boxes": np.zeros((0, 4), np.int64), "iou": np.zeros(0, np.float32),
-                    "stability": np.zeros(0, np.float32), "points": np.zeros((0, 2)),
-                    "crops": np.zeros((0, 4), np.int64)}
+        empty = {"runs": [], "boxes": np.zeros((0, 4), np.int64), "iou": np.zeros(0, np.float32),
+                 "stability": np.zeros(0, np.float32), "points": np.zeros((0, 2)),
+                 "crops": np.zeros((0, 4), np.int64)}
+        if not data.low_res:
+            return empty
         boxes = torch.cat(data.boxes)
         iou = torch.cat(data.iou)
         stab = torch.cat(data.stability)
+        crop_ids = torch.cat(data.crop_ids)
+        low_res = torch.cat(data.low_res)
         points = np.concatenate(data.points)
-        crops = np.concatenate(data.crops)
-        runs = data.runs
-        if len({tuple(c) for c in crops.tolist()}) > 1 or self.crop_n_layers > 0:
-            crop_t = torch.as_tensor(crops, device=dev)
-            area = (crop_t[:, 2] - crop_t[:, 0]) * (crop_t[:, 3] - crop_t[:, 1])
+        crop_xyxy = torch.tensor([c[0] for c in data.crops], dtype=torch.int64, device=dev)
+        if len(data.crops) > 1:
+            cb = crop_xyxy[crop_ids]
+            area = (cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1])
             with self._timed("nms"):
                 keep = batched_nms(
                     boxes.float(), 1.0 / area.float(), torch.zeros_like(boxes[:, 0]),
                     self.crop_nms_thresh,
                 )
-            k = keep.cpu().numpy()
-            boxes, iou, stab = boxes[keep], iou[keep], stab[keep]
-            points, crops, runs = points[k], crops[k], [runs[j] for j in k]
+            boxes, iou, stab, crop_ids, low_res = boxes[keep], iou[keep], stab[keep], crop_ids[keep], low_res[keep]
+            points = points[keep.cpu().numpy()]
+        # Full-resolution masks only now, crop by crop, in bounded chunks.
+        n = len(iou)
+        runs: list[np.ndarray | None] = [None] * n
+        final_boxes = torch.zeros(n, 4, dtype=torch.int64, device=dev)
+        size = self.model.image_encoder.img_size
+        thr = self.model.mask_threshold
+        with self._timed("encode"):
+            for cid in crop_ids.unique().tolist():
+                (x0, y0, x1, y1), input_size = data.crops[cid]
+                sel = (crop_ids == cid).nonzero()[:, 0]
+                chunk = max(1, self.max_upsample_pixels // ((y1 - y0) * (x1 - x0)))
+                for c in range(0, len(sel), chunk):
+                    s = sel[c : c + chunk]
+                    masks = ops.upsample_logits(low_res[s], size, input_size, (y1 - y0, x1 - x0)) > thr
+                    final_boxes[s] = ops.masks_to_boxes(masks) + torch.tensor([x0, y0, x0, y0], device=dev)
+                    for j, r in zip(s.tolist(), ops.masks_to_runs_fast(masks, (x0, y0), image_size)):
+                        runs[j] = r
+        crops = crop_xyxy[crop_ids].cpu().numpy()
         out = {
             "runs": runs,
-            "boxes": boxes.cpu().numpy(),
+            "boxes": final_boxes.cpu().numpy(),
             "iou": iou.cpu().numpy(),
             "stability": stab.cpu().numpy(),
             "points": points,

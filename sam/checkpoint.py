@@ -52,7 +52,7 @@ def _size(url: str) -> int | None:
         fs, path = fsspec.core.url_to_fs(url)
         return int(fs.size(path))
     except FileNotFoundError:
-        raise
+        raise CheckpointError(f"checkpoint {url}: file not found") from None
     except Exception:  # some filesystems cannot tell the size cheaply
         return None
 

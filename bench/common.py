@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmarks: images, weights, timing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = REPO.parent / "shared" / "images"
+
+
+def load_images(limit: int | None = None, size: tuple[int, int] = (1200, 1800)) -> list[tuple[str, np.ndarray]]:
+    """The real photos beside the repo when present, else synthetic scenes."""
+    from PIL import Image
+
+    if SHARED_IMAGES.exists():
+        files = sorted(SHARED_IMAGES.glob("*.jpg"))[:limit]
+        return [(f.name, np.asarray(Image.open(f).convert("RGB"))) for f in files]
+    from sam.scenes import make_scene
+
+    n = limit or 3
+    return [(f"scene{s}", make_scene(seed=10_000 + s, height=size[0], width=size[1]).image) for s in range(n)]
+
+
+def seeded_reference(name: str, seed: int = 0):
+    """The reference's model `name` with seeded random weights, and that state dict."""
+    import segment_anything
+
+    torch.manual_seed(seed)
+    ref = segment_anything.sam_model_registry[name]()
+    with torch.no_grad():
+        for k, p in ref.named_parameters():
+            if "rel_pos" in k or "pos_embed" in k:
+                p.normal_(0, 0.02)
+    return ref.eval(), ref.state_dict()
+
+
+def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
+    """Best wall time of `repeat` runs, in seconds."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best

@@ -1,0 +1,137 @@
+"""Checkpoint loading: strict, safe, and with one clear error naming the file."""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from sam import CheckpointError, build_sam, sam_model_registry
+from sam.checkpoint import OFFICIAL_CHECKPOINTS, identify, recognise_official
+from tests.conftest import SMALL_CONFIG, random_state_dict
+from tests.reference import segment_anything
+
+
+@pytest.fixture(scope="module")
+def vit_b_file(tmp_path_factory):
+    """A state dict saved from the reference's vit_b, in the official format."""
+    ref = segment_anything.sam_model_registry["vit_b"]()
+    path = tmp_path_factory.mktemp("ckpt") / "vit_b_from_reference.pth"
+    torch.save(ref.state_dict(), path)
+    return path, ref
+
+
+def test_reference_vit_b_loads_strictly(vit_b_file):
+    path, ref = vit_b_file
+    model = sam_model_registry["vit_b"](checkpoint=path)
+    ours = model.state_dict()
+    theirs = ref.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_vit_b_file_offered_as_vit_l_fails_clearly(vit_b_file):
+    path, _ = vit_b_file
+    with pytest.raises(CheckpointError) as e:
+        sam_model_registry["vit_l"](checkpoint=path)
+    msg = str(e.value)
+    assert str(path) in msg and "vit_b" in msg and "vit_l" in msg
+
+
+def test_identify_names_the_architecture(vit_b_file):
+    sd = torch.load(vit_b_file[0], weights_only=True)
+    assert identify(sd) == "vit_b"
+
+
+def test_truncated_file(tmp_path):
+    model = build_sam(SMALL_CONFIG)
+    good = tmp_path / "good.pth"
+    torch.save(model.state_dict(), good)
+    bad = tmp_path / "truncated.pth"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pth.*not a readable PyTorch state dict"):
+        build_sam(SMALL_CONFIG, checkpoint=bad)
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("this is not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="notes.pth"):
+        build_sam(SMALL_CONFIG, checkpoint=bad)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="nowhere.pth: file not found"):
+        build_sam(SMALL_CONFIG, checkpoint=tmp_path / "nowhere.pth")
+
+
+def test_pickled_object_is_refused(tmp_path):
+    """weights_only=True: a pickle that would run code is rejected, not executed."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        build_sam(SMALL_CONFIG, checkpoint=bad)
+
+
+def test_state_dict_with_missing_keys(tmp_path):
+    sd = build_sam(SMALL_CONFIG).state_dict()
+    sd.pop("mask_decoder.iou_token.weight")
+    path = tmp_path / "partial.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match="missing keys.*iou_token"):
+        build_sam(SMALL_CONFIG, checkpoint=path)
+
+
+def test_wrapped_state_dict_and_fsspec_url(tmp_path):
+    """A {"model": state_dict} wrapper and a memory:// URL both load."""
+    src = build_sam(SMALL_CONFIG)
+    sd = random_state_dict(src, seed=5)
+    with fsspec.open("memory://ckpts/small.pth", "wb") as f:
+        torch.save({"model": sd}, f)
+    model = build_sam(SMALL_CONFIG, checkpoint="memory://ckpts/small.pth")
+    assert all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
+
+
+def test_official_recognition_by_size_and_md5(tmp_path):
+    """Files are checked against the official list only when their size matches one."""
+    small = tmp_path / "other.pth"
+    small.write_bytes(b"x" * 100)
+    assert recognise_official(str(small)) is None
+    names = {c.filename for c in OFFICIAL_CHECKPOINTS}
+    assert names == {"sam_vit_h_4b8939.pth", "sam_vit_l_0b3195.pth", "sam_vit_b_01ec64.pth"}
+    for c in OFFICIAL_CHECKPOINTS:  # the md5 prefix is in the official file name
+        assert c.filename.split("_")[-1].removesuffix(".pth") == c.md5[:6]
+
+
+def test_official_size_with_wrong_hash_is_corrupt(tmp_path):
+    """A sparse file with vit_b's exact size but other bytes is a corrupt download."""
+    c = next(c for c in OFFICIAL_CHECKPOINTS if c.model == "vit_b")
+    path = tmp_path / c.filename
+    with open(path, "wb") as f:
+        f.truncate(c.size)
+    with pytest.raises(CheckpointError, match="md5"):
+        sam_model_registry["vit_b"](checkpoint=path)
+
+
+def test_image_conversion():
+    from sam.predictor import as_rgb_uint8
+
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(as_rgb_uint8(gray), np.repeat(gray[..., None], 3, 2))
+    rgba = np.random.randint(0, 255, (3, 4, 4), dtype=np.uint8)
+    assert np.array_equal(as_rgb_uint8(rgba), rgba[..., :3])
+    deep = np.full((2, 2, 3), 65535, np.uint16)
+    assert (as_rgb_uint8(deep) == 255).all()
+    assert (as_rgb_uint8(np.full((2, 2, 3), 257, np.uint16)) == 1).all()
+    with pytest.raises(ValueError, match="uint8"):
+        as_rgb_uint8(np.zeros((2, 2, 3), np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        as_rgb_uint8(np.zeros((2, 2, 5), np.uint8))
