@@ -168,14 +168,17 @@ class SamAutomaticMaskGenerator:
 
     def _generate_masks(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         jobs = []  # (image index, crop box, layer)
+        n_crops = []
         for i, image in enumerate(images):
             boxes, layers = ops.crop_boxes(image.shape[:2], self.crop_n_layers, self.crop_overlap_ratio)
-            jobs += [(i, b, layer) for b, layer in zip(boxes, layers)]
+            n_crops.append(len(boxes))
+            # a window of zero width or height (images of a few pixels) holds no mask
+            jobs += [(i, b, layer) for b, layer in zip(boxes, layers) if b[2] > b[0] and b[3] > b[1]]
         per_image = [_Masks() for _ in images]
         float_boxes = [False] * len(images)
         float_crops = [False] * len(images)
         # Crops (of one or several images) are encoded a few at a time in one batch.
-        group = 4 if self.model.device.type == "cpu" else 16
+        group = self._encoder_group()
         for start in range(0, len(jobs), group):
             chunk = jobs[start : start + group]
             crops = [images[i][b[1] : b[3], b[0] : b[2]] for i, b, _ in chunk]
@@ -191,11 +194,23 @@ class SamAutomaticMaskGenerator:
             self.predictor.reset_image()
         out = []
         for i, image in enumerate(images):
-            data = self._finish_image(per_image[i], image.shape[:2])
+            data = self._finish_image(per_image[i], image.shape[:2], n_crops[i])
             data["float_boxes"] = float_boxes[i]
             data["float_crops"] = float_crops[i]
             out.append(data)
         return out
+
+    def _encoder_group(self) -> int:
+        """Crops per encoder pass: the global-attention bias of one image is
+        heads x tokens^2 floats (1 GiB for vit_h), so the group is sized to ~4 GiB on a
+        GPU and kept at 4 on the CPU."""
+        if self.model.device.type == "cpu":
+            return 4
+        enc = self.model.image_encoder
+        heads = enc.blocks[0].attn.num_heads
+        tokens = enc.pos_embed.shape[1] * enc.pos_embed.shape[2]
+        per_image = heads * tokens * tokens * 4 * 2
+        return int(max(1, min(16, (4 << 30) // per_image)))
 
     def _process_crop(
         self,
@@ -304,20 +319,40 @@ class SamAutomaticMaskGenerator:
         """Stability, area and boxes of the upsampled masks: tiled where masks are
         mostly far from their threshold, dense upsampling (in bounded chunks) otherwise."""
         thr, off = self.model.mask_threshold, self.stability_score_offset
-        if geometry.mixed_fraction(low_res, thr, off) < 0.25:
-            return geometry.stats(low_res, thr, off)
+        if geometry.mixed_fraction(low_res, thr, off) >= 0.25:
+            return self._dense_stats(low_res, geometry)
+        stab, area, boxes = geometry.stats(low_res, thr, off)
+        # Tiled sums differ from the reference's by float rounding only (a few pixels in a
+        # million); where that could flip the stability filter, use the exact numbers.
+        close = (stab - self.stability_score_thresh).abs() < 1e-4
+        if close.any():
+            idx = close.nonzero()[:, 0]
+            s2, a2, b2 = self._dense_stats(low_res[idx], geometry)
+            stab[idx], area[idx], boxes[idx] = s2, a2, b2
+        return stab, area, boxes
+
+    def _chunk(self, geometry: ops.TiledUpsampler) -> int:
+        """Masks per dense upsampling call, bounded by `max_upsample_pixels` for both the
+        intermediate square (model input) and the output."""
         h, w = geometry.out_size
-        chunk = max(1, self.max_upsample_pixels // (h * w))
+        first = geometry.rows * geometry.cols * geometry.factor**2
+        return max(1, self.max_upsample_pixels // max(h * w, first))
+
+    def _dense_stats(self, low_res: torch.Tensor, geometry: ops.TiledUpsampler):
+        thr, off = self.model.mask_threshold, self.stability_score_offset
+        chunk = self._chunk(geometry)
         outs = []
         for c in range(0, low_res.shape[0], chunk):
             logits = ops.upsample_logits(
                 low_res[c : c + chunk], geometry.model_size, geometry.input_size, geometry.out_size
             )
             masks = logits > thr
-            outs.append((ops.stability_score(logits, thr, off), masks.flatten(1).sum(1), ops.masks_to_boxes(masks)))
+            outs.append(
+                (ops.stability_score(logits, thr, off), masks.flatten(1).sum(1), ops.masks_to_boxes(masks))
+            )
         return tuple(torch.cat(t) for t in zip(*outs))
 
-    def _finish_image(self, data: _Masks, image_size: tuple[int, int]) -> dict[str, Any]:
+    def _finish_image(self, data: _Masks, image_size: tuple[int, int], n_crops: int) -> dict[str, Any]:
         """NMS across crops, then full-resolution masks and run lengths for the survivors."""
         dev = self.model.device
         empty = {"runs": [], "boxes": np.zeros((0, 4), np.int64), "iou": np.zeros(0, np.float32),
@@ -332,7 +367,7 @@ class SamAutomaticMaskGenerator:
         low_res = torch.cat(data.low_res)
         points = np.concatenate(data.points)
         crop_xyxy = torch.tensor([c[0] for c in data.crops], dtype=torch.int64, device=dev)
-        if len(data.crops) > 1:
+        if n_crops > 1:  # as the reference: whenever the image had several crop windows
             cb = crop_xyxy[crop_ids]
             area = (cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1])
             with self._timed("nms"):
@@ -352,10 +387,16 @@ class SamAutomaticMaskGenerator:
             for cid in crop_ids.unique().tolist():
                 (x0, y0, x1, y1), input_size = data.crops[cid]
                 sel = (crop_ids == cid).nonzero()[:, 0]
-                chunk = max(1, self.max_upsample_pixels // ((y1 - y0) * (x1 - x0)))
+                f = size // low_res.shape[-2]
+                first = (-(-input_size[0] // f) + 1) * (-(-input_size[1] // f) + 1) * f * f
+                chunk = max(1, self.max_upsample_pixels // max((y1 - y0) * (x1 - x0), first))
                 for c in range(0, len(sel), chunk):
                     s = sel[c : c + chunk]
-                    masks = ops.upsample_logits(low_res[s], size, input_size, (y1 - y0, x1 - x0)) > thr
+                    logits = ops.upsample_logits(low_res[s], size, input_size, (y1 - y0, x1 - x0))
+                    # the recorded score is computed on the exact logits, as the reference does
+                    stab[s] = ops.stability_score(logits, thr, self.stability_score_offset)
+                    masks = logits > thr
+                    del logits
                     final_boxes[s] = ops.masks_to_boxes(masks) + torch.tensor([x0, y0, x0, y0], device=dev)
                     for j, r in zip(s.tolist(), ops.masks_to_runs_fast(masks, (x0, y0), image_size)):
                         runs[j] = r

@@ -231,6 +231,7 @@ class TiledUpsampler:
         self.input_size = tuple(input_size)
         self.out_size = tuple(out_size)
         factor = model_size // low_res_size[0]
+        self.factor = factor
         self.rows = min(low_res_size[0], -(-input_size[0] // factor) + 1)
         self.cols = min(low_res_size[1], -(-input_size[1] // factor) + 1)
         self.wr, self.r_start, self.r_len = self._axis(self.rows, factor, input_size[0], out_size[0], device)
@@ -264,7 +265,7 @@ class TiledUpsampler:
         x = low_res[:, : self.rows, : self.cols].float()
         mx = F.max_pool2d(x[:, None], 3, 1, 1)[:, 0]
         mn = -F.max_pool2d(-x[:, None], 3, 1, 1)[:, 0]
-        mixed = ~(mn > thr + offset) & ~(mx <= thr - offset)
+        mixed = ~(mn > thr + offset) & ~(mx <= thr - offset) & (self.cnt > 0)[None]
         g = self.wr.shape[1] * self.wc.shape[1]
         total = self.out_size[0] * self.out_size[1]
         return float(mixed.sum()) * g / max(1, total * x.shape[0])

@@ -17,6 +17,20 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used for the requested model (names the file)."""
 
 
+def display_url(url: str | os.PathLike) -> str:
+    """`url` safe to print: no user:password@ and no query string (signed URLs)."""
+    text = os.fspath(url)
+    if "://" not in text:
+        return text
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(text)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 @dataclass(frozen=True)
 class OfficialCheckpoint:
     model: str
@@ -52,7 +66,7 @@ def _size(url: str) -> int | None:
         fs, path = fsspec.core.url_to_fs(url)
         return int(fs.size(path))
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {url}: file not found") from None
+        raise CheckpointError(f"checkpoint {display_url(url)}: file not found") from None
     except Exception:  # some filesystems cannot tell the size cheaply
         return None
 
@@ -73,7 +87,7 @@ def recognise_official(url: str) -> OfficialCheckpoint | None:
     known = next((c for c in OFFICIAL_CHECKPOINTS if c.filename == name), None)
     if known is not None:
         raise CheckpointError(
-            f"checkpoint {url}: has the size of the official {known.filename} but its md5 is "
+            f"checkpoint {display_url(url)}: has the size of the official {known.filename} but its md5 is "
             f"{digest}, expected {known.md5}; the download is corrupt, fetch it again"
         )
     return None
@@ -90,7 +104,7 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
         if not fs.exists(path):
             raise FileNotFoundError(url)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {url}: file not found") from None
+        raise CheckpointError(f"checkpoint {display_url(url)}: file not found") from None
     try:
         if isinstance(fs, LocalFileSystem):
             try:  # memory-map: a 2.5 GB checkpoint is not held twice in RAM
@@ -105,7 +119,7 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch raises many types for bad files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {url}: not a readable PyTorch state dict (truncated download or a "
+            f"checkpoint {display_url(url)}: not a readable PyTorch state dict (truncated download or a "
             f"different kind of file?): {reason}"
         ) from None
     if isinstance(obj, dict):
@@ -115,7 +129,7 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise CheckpointError(
-            f"checkpoint {url}: expected a state dict (a mapping of parameter names to "
+            f"checkpoint {display_url(url)}: expected a state dict (a mapping of parameter names to "
             f"tensors), found {type(obj).__name__}"
         )
     return obj
@@ -161,7 +175,7 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: dict, url: str) -> None:
     actual = identify(sd)
     if actual is not None:
         raise CheckpointError(
-            f"checkpoint {url}: holds the weights of {actual} ({describe_state_dict(sd)}), "
+            f"checkpoint {display_url(url)}: holds the weights of {actual} ({describe_state_dict(sd)}), "
             f"not {want}; pass model type {actual!r} or the {want} checkpoint"
         )
     missing = sorted(set(expected) - set(got))
@@ -176,5 +190,5 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: dict, url: str) -> None:
         k = mismatched[0]
         parts.append(f"{len(mismatched)} shape mismatches (e.g. {k}: {got[k]} vs {expected[k]})")
     raise CheckpointError(
-        f"checkpoint {url}: does not fit {want} ({describe_state_dict(sd)}): " + "; ".join(parts)
+        f"checkpoint {display_url(url)}: does not fit {want} ({describe_state_dict(sd)}): " + "; ".join(parts)
     )

@@ -73,11 +73,12 @@ def list_images(path: Path) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            # honour EXIF orientation, as OpenCV's imread (the reference script's reader) does
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image {path}: cannot be read as an image ({e})") from None
 
@@ -104,7 +105,7 @@ def write_png_folder(records: list[dict], out_dir: Path) -> None:
         rows.append([i, r["area"], *r["bbox"], *r["point_coords"][0], r["predicted_iou"],
                      r["stability_score"], *r["crop_box"]])
     with open(out_dir / "metadata.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+        csv.writer(f, lineterminator="\n").writerows(rows)
 
 
 def sa1b_record(records: list[dict], image_id: int, path: Path, size: tuple[int, int]) -> dict:
@@ -182,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", e)
             failed.append((path, str(e)))
             continue
-        records = gen.generate(image)
+        try:
+            records = gen.generate(image)
+        except (ValueError, RuntimeError) as e:  # e.g. out of memory on a huge image
+            log.error("image %s: generation failed: %s", path, e)
+            failed.append((path, f"generation failed: {e}"))
+            continue
         n_masks += len(records)
         bar.set_postfix(masks=len(records))
         if fmt == "png":

@@ -50,7 +50,7 @@ _CONFIGS: dict[str, dict] = {
         **_COMMON,
         "image_size": 512,
         "patch_size": 16,
-        "encoder_embed_dim": 192,
+        "encoder_embed_dim": 128,
         "encoder_depth": 6,
         "encoder_num_heads": 4,
         "encoder_window_size": 8,

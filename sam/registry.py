@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, check_state_dict, read_state_dict, recognise_official
+from .checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    display_url,
+    read_state_dict,
+    recognise_official,
+)
 from .config import model_config, validate_config
 from .model import Sam, build_sam_from_config
 
@@ -60,13 +66,13 @@ def build_sam(
         official = recognise_official(url)
         if official is not None and official.model != cfg["name"]:
             raise CheckpointError(
-                f"checkpoint {url}: is the official {official.filename} ({official.model}), "
+                f"checkpoint {display_url(url)}: is the official {official.filename} ({official.model}), "
                 f"not a {cfg['name']} checkpoint; pass model type {official.model!r}"
             )
         sd = read_state_dict(url)
         check_state_dict(sd, cfg, url)
         net.load_state_dict(sd, strict=True)
-        log.info("loaded %s weights from %s", cfg["name"], url)
+        log.info("loaded %s weights from %s", cfg["name"], display_url(url))
     if device is not None:
         net = net.to(device)
     return net.eval()

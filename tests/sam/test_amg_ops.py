@@ -119,3 +119,37 @@ def test_remove_small_regions_matches_reference(mode):
         b, cb = ref_amg.remove_small_regions(m, 30, mode)
         assert ca == cb
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "model_size,low,input_size,out",
+    [(1024, 256, (683, 1024), (1500, 2250)), (512, 128, (512, 341), (801, 534)),
+     (512, 128, (300, 512), (90, 153)), (1024, 256, (1024, 1024), (692, 567)),
+     (512, 128, (512, 512), (2000, 2000))],
+)
+def test_tiled_statistics_match_dense(model_size, low, input_size, out):
+    """Stability, area and boxes from the tiled evaluation equal the dense upsampling's
+    up to float rounding (a pixel here and there out of millions)."""
+    g = torch.Generator().manual_seed(low + out[0])
+    coarse = torch.randn(12, 1, low // 16, low // 16, generator=g) * 30
+    logits = F.interpolate(coarse, (low, low), mode="bilinear", align_corners=False)[:, 0]
+    logits[0] = -5.0  # empty mask
+    logits[1] = 5.0  # full mask
+    tiled = ops.TiledUpsampler(model_size, (low, low), input_size, out, torch.device("cpu"))
+    stab, area, boxes = tiled.stats(logits, 0.0, 1.0)
+    full = ops.upsample_logits(logits, model_size, input_size, out)
+    masks = full > 0
+    ref_stab = ops.stability_score(full, 0.0, 1.0)
+    valid = ~torch.isnan(ref_stab)
+    torch.testing.assert_close(stab[valid], ref_stab[valid], rtol=0, atol=1e-4)
+    assert (area - masks.flatten(1).sum(1)).abs().max() <= max(2, out[0] * out[1] // 100_000)
+    assert (boxes - ops.masks_to_boxes(masks)).abs().max() <= 1
+    assert area[0] == 0 and area[1] == out[0] * out[1]
+
+
+def test_fast_runs_equal_simple_runs():
+    masks = random_masks(9, 37, 53, seed=9)
+    for offset, size in [((0, 0), (37, 53)), ((4, 6), (50, 70)), ((0, 13), (50, 53))]:
+        a = ops.masks_to_runs(masks, offset, size)
+        b = ops.masks_to_runs_fast(masks, offset, size)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))

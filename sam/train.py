@@ -1,0 +1,673 @@
+"""Train a SAM-family model on synthetic scenes (``sam.scenes``).
+
+    python -m sam.train --out sam/weights/sam_tiny.pth --steps 20000 --seed 0 \
+        --batch 2 --prompts 16 --lr 8e-4 --warmup 100 --max-minutes 58
+
+Recipe (after the SAM paper, scaled down):
+
+* every step draws ``--batch`` scenes; their seeds are a pure function of ``--seed``
+  and the step (``scene_seed(seed, step, i)``), always >= ``TRAIN_SEED_BASE``, so seeds
+  below it are never seen in training and serve as held-out data;
+* per scene, ``--prompts`` instances (objects, parts, background regions) each get one
+  prompt: a uniform interior point, or a jittered box (objects and parts only);
+* the mask loss (``--loss``: ``bce`` = BCE + dice, the default, which converges much
+  faster in a short CPU run; ``focal`` = SAM's 20 * focal + dice) is taken on the
+  low-resolution logits against the ground truth averaged down to the same grid: the
+  best of the three multimask outputs for a point, the single output plus the best of
+  three for a box;
+* the IoU head regresses (MSE) the actual IoU of every predicted mask;
+* a fraction of point prompts get a second round: a correction point sampled from the
+  error region plus the previous logits as ``mask_input``, trained on the single output.
+
+The checkpoint is a plain fp32 state dict with the official key names; a JSON with
+the configuration, seed, steps, timing and data-generator parameters sits next to it.
+Training state is saved to ``<out>.state`` every ``--save-every`` steps and picked up
+again with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import model_config, validate_config
+from .scenes import make_scene
+
+log = logging.getLogger("sam.train")
+
+TRAIN_SEED_BASE = 10_000_000
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+DEFAULT_DATA = {
+    "min_objects": 2,
+    "max_objects": 14,
+    "parts_prob": 0.4,
+    "max_background_regions": 4,
+    "min_size": 0.035,
+    "max_size": 0.3,
+    # scene sizes: the long side is the model size with probability p_native, otherwise
+    # uniform in [long_min, long_max] (then resized like the predictor does)
+    "p_native": 0.4,
+    "long_min": 320,
+    "long_max": 1024,
+    "min_aspect": 0.5,
+    "p_jpeg": 0.5,
+}
+
+
+def scene_seed(seed: int, step: int, index: int, batch: int) -> int:
+    """Seed of the ``index``-th scene of ``step`` (never below ``TRAIN_SEED_BASE``)."""
+    return TRAIN_SEED_BASE + seed * 1_000_000_000 + step * batch + index
+
+
+def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+    scale = long_side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
+    """Resize so the long side is ``long_side`` (bilinear, as the predictor does)."""
+    nh, nw = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    if (nh, nw) == image.shape[:2]:
+        return image
+    return np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -> dict:
+    """One training image with prompts and low-resolution targets (numpy only)."""
+    rng = np.random.default_rng(np.random.SeedSequence([scene_seed_, 0x7A1]))
+    if rng.random() < data["p_native"]:
+        long = image_size
+    else:
+        long = int(rng.integers(data["long_min"], data["long_max"] + 1))
+    short = max(64, int(round(long * rng.uniform(data["min_aspect"], 1.0))))
+    h, w = (long, short) if rng.random() < 0.5 else (short, long)
+    scene = make_scene(
+        scene_seed_,
+        h,
+        w,
+        max_objects=data["max_objects"],
+        min_objects=data["min_objects"],
+        parts_prob=data["parts_prob"],
+        max_background_regions=data["max_background_regions"],
+        min_size=data["min_size"],
+        max_size=data["max_size"],
+    )
+    img = scene.image
+    if rng.random() < data["p_jpeg"]:
+        q = int(rng.integers(70, 96))
+        ok, enc = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, q])
+        if ok:
+            img = cv2.imdecode(enc, cv2.IMREAD_COLOR)[..., ::-1]
+    img = resize_image(np.ascontiguousarray(img), image_size)
+    nh, nw = img.shape[:2]
+    scale = nh / h if h >= w else nw / w
+    scale_x, scale_y = nw / w, nh / h
+
+    x = np.zeros((image_size, image_size, 3), np.float32)
+    x[:nh, :nw] = (img.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
+
+    # choose instances: objects and parts weigh more than background regions
+    kinds = np.array(scene.kinds)
+    weight = np.where(kinds == "background", 0.4, 1.0)
+    n = min(n_prompts, len(kinds))
+    chosen = rng.choice(len(kinds), size=n, replace=False, p=weight / weight.sum())
+    masks = scene.masks[chosen]
+
+    # low-res soft targets: area-resize to the model frame, pad, 4x4 average
+    stack = np.ascontiguousarray(masks.transpose(1, 2, 0).astype(np.float32))
+    if (nh, nw) == (h, w):
+        small = stack
+    else:  # OpenCV's area resize takes at most 4 channels at a time
+        small = np.concatenate(
+            [
+                cv2.resize(stack[..., c : c + 4], (nw, nh), interpolation=cv2.INTER_AREA).reshape(
+                    nh, nw, -1
+                )
+                for c in range(0, n, 4)
+            ],
+            axis=2,
+        )
+    low = image_size // 4
+    full = np.zeros((image_size, image_size, n), np.float32)
+    full[:nh, :nw] = small
+    target = full.reshape(low, 4, low, 4, n).mean((1, 3)).transpose(2, 0, 1)
+
+    is_box = np.zeros(n, bool)
+    coords = np.zeros((n, 2), np.float32)
+    boxes = np.zeros((n, 4), np.float32)
+    for j, inst in enumerate(chosen):
+        m = masks[j]
+        if kinds[inst] != "background" and rng.random() < 0.4:
+            is_box[j] = True
+            ys = np.flatnonzero(m.any(1))
+            xs = np.flatnonzero(m.any(0))
+            b = np.array(
+                [xs[0] * scale_x, ys[0] * scale_y, (xs[-1] + 1) * scale_x, (ys[-1] + 1) * scale_y]
+            )
+            side = np.array([b[2] - b[0], b[3] - b[1]] * 2)
+            b = b + np.clip(rng.normal(0, 0.1, 4) * side, -20, 20)
+            boxes[j] = np.clip(b, 0, [nw, nh, nw, nh])
+        else:
+            flat = np.flatnonzero(m)
+            p = flat[int(rng.integers(len(flat)))]
+            py, px = divmod(int(p), m.shape[1])
+            coords[j] = [(px + 0.5) * scale_x, (py + 0.5) * scale_y]
+    del scale
+    return {
+        "image": torch.from_numpy(x.transpose(2, 0, 1).copy()),
+        "target": torch.from_numpy(target.copy()),
+        "is_box": torch.from_numpy(is_box),
+        "coords": torch.from_numpy(coords),
+        "boxes": torch.from_numpy(boxes),
+        "valid": (nh, nw),
+        "seed": int(scene_seed_),
+    }
+
+
+class SceneStream(torch.utils.data.IterableDataset):
+    """Batches for steps ``start..steps-1``; deterministic in (seed, step)."""
+
+    def __init__(self, seed, start, steps, batch, image_size, n_prompts, data):
+        super().__init__()
+        self.args = (seed, start, steps, batch, image_size, n_prompts, data)
+
+    def __iter__(self):
+        seed, start, steps, batch, image_size, n_prompts, data = self.args
+        for step in range(start, steps):
+            yield [
+                make_sample(scene_seed(seed, step, i, batch), image_size, n_prompts, data)
+                for i in range(batch)
+            ]
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def focal_loss(logits, target, alpha=0.25, gamma=2.0):
+    """Per-mask sigmoid focal loss (mean over pixels), soft targets allowed."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    a_t = alpha * target + (1 - alpha) * (1 - target)
+    return (a_t * ce * (1 - p_t) ** gamma).flatten(-2).mean(-1)
+
+
+def dice_loss(logits, target):
+    p = torch.sigmoid(logits).flatten(-2)
+    t = target.flatten(-2)
+    return 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+
+
+def mask_iou(logits, target):
+    """IoU of ``logits > 0`` with ``target > 0.5`` per mask."""
+    pred = (logits > 0).flatten(-2)
+    gt = (target > 0.5).flatten(-2)
+    inter = (pred & gt).sum(-1).float()
+    union = (pred | gt).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def bce_loss(logits, target):
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(-2).mean(-1)
+
+
+def seg_loss(logits, target, kind="bce"):
+    """Per-mask segmentation loss: ``"focal"`` is SAM's 20 * focal + dice, ``"bce"`` is
+    BCE + dice (stronger gradients early on, converges faster in short runs)."""
+    if kind == "focal":
+        return 20.0 * focal_loss(logits, target) + dice_loss(logits, target)
+    if kind == "bce":
+        return bce_loss(logits, target) + dice_loss(logits, target)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(cfg: dict, backend: str = "ours"):
+    """Our randomly initialised ``Sam`` (default) or the reference package (``backend="reference"``)."""
+    cfg = validate_config(dict(cfg))
+    if backend == "ours":
+        from .model import build_sam_from_config
+
+        return build_sam_from_config(cfg)
+    if backend == "reference":
+        from functools import partial
+
+        from segment_anything.modeling import (
+            ImageEncoderViT,
+            MaskDecoder,
+            PromptEncoder,
+            Sam,
+            TwoWayTransformer,
+        )
+
+        img, dim = cfg["image_size"], cfg["prompt_embed_dim"]
+        emb = img // cfg["patch_size"]
+        return Sam(
+            image_encoder=ImageEncoderViT(
+                depth=cfg["encoder_depth"],
+                embed_dim=cfg["encoder_embed_dim"],
+                img_size=img,
+                mlp_ratio=cfg["encoder_mlp_ratio"],
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                num_heads=cfg["encoder_num_heads"],
+                patch_size=cfg["patch_size"],
+                qkv_bias=True,
+                use_rel_pos=True,
+                global_attn_indexes=cfg["encoder_global_attn_indexes"],
+                window_size=cfg["encoder_window_size"],
+                out_chans=dim,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=dim,
+                image_embedding_size=(emb, emb),
+                input_image_size=(img, img),
+                mask_in_chans=cfg["mask_in_chans"],
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=cfg["num_multimask_outputs"],
+                transformer=TwoWayTransformer(
+                    depth=cfg["decoder_depth"],
+                    embedding_dim=dim,
+                    mlp_dim=cfg["decoder_mlp_dim"],
+                    num_heads=cfg["decoder_num_heads"],
+                ),
+                transformer_dim=dim,
+                iou_head_depth=cfg["iou_head_depth"],
+                iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
+            ),
+            pixel_mean=list(PIXEL_MEAN),
+            pixel_std=list(PIXEL_STD),
+        )
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def decode_all(model, emb, sparse, dense):
+    """All four mask outputs and IoU predictions: ``(K, 4, h, w)``, ``(K, 4)``."""
+    dec = model.mask_decoder
+    pe = model.prompt_encoder.get_dense_pe()
+    if hasattr(dec, "predict_masks"):
+        return dec.predict_masks(emb, pe, sparse, dense)
+    m3, i3 = dec(emb, pe, sparse, dense, multimask_output=True)
+    m1, i1 = dec(emb, pe, sparse, dense, multimask_output=False)
+    return torch.cat([m1, m3], 1), torch.cat([i1, i3], 1)
+
+
+def compute_loss(
+    model, batch: list[dict], refine_frac: float, rng: np.random.Generator, loss: str = "bce"
+):
+    """Mean loss over every prompt of the batch and some statistics."""
+    images = torch.stack([s["image"] for s in batch])
+    emb_all = model.image_encoder(images)
+    seg_terms, iou_terms, best_ious = [], [], []
+    for b, s in enumerate(batch):
+        emb = emb_all[b : b + 1]
+        target = s["target"]
+        is_box = s["is_box"]
+        for box_mode in (False, True):
+            sel = torch.nonzero(is_box == box_mode).flatten()
+            if len(sel) == 0:
+                continue
+            tgt = target[sel][:, None]
+            if box_mode:
+                sparse, dense = model.prompt_encoder(points=None, boxes=s["boxes"][sel], masks=None)
+            else:
+                pts = s["coords"][sel][:, None]
+                lbl = torch.ones(len(sel), 1, dtype=torch.int64)
+                sparse, dense = model.prompt_encoder(points=(pts, lbl), boxes=None, masks=None)
+            masks, iou_pred = decode_all(model, emb, sparse, dense)
+            masks = masks.float()
+            per = seg_loss(masks, tgt.expand_as(masks), loss)  # K x 4
+            multi = per[:, 1:].min(1)
+            seg_terms.append(multi.values + (per[:, 0] if box_mode else 0.0))
+            actual = mask_iou(masks.detach(), tgt.expand_as(masks))
+            iou_terms.append(((iou_pred.float() - actual) ** 2).mean(1))
+            best = multi.indices + 1
+            best_ious.append(actual.gather(1, best[:, None])[:, 0])
+
+            if not box_mode and refine_frac > 0:
+                k = int(round(refine_frac * len(sel)))
+                if k == 0:
+                    continue
+                idx = torch.arange(k)
+                prev = masks[idx, best[idx]].detach()[:, None]
+                new_pts, new_lbl = [], []
+                for j in range(k):
+                    gt = tgt[j, 0] > 0.5
+                    pr = prev[j, 0] > 0
+                    fn, fp = gt & ~pr, pr & ~gt
+                    err, lab = (fn, 1) if fn.sum() >= fp.sum() else (fp, 0)
+                    if err.sum() == 0:
+                        err, lab = gt, 1
+                    cand = torch.nonzero(err)
+                    if len(cand) == 0:  # target too thin for the low-res grid: repeat
+                        new_pts.append(s["coords"][sel][j])
+                        new_lbl.append(1)
+                        continue
+                    yx = cand[int(rng.integers(len(cand)))].float()
+                    new_pts.append(torch.stack([yx[1], yx[0]]) * 4 + 2)
+                    new_lbl.append(lab)
+                pts2 = torch.cat([s["coords"][sel][idx, None], torch.stack(new_pts)[:, None]], 1)
+                lbl2 = torch.tensor([[1, lab] for lab in new_lbl], dtype=torch.int64)
+                sparse, dense = model.prompt_encoder(points=(pts2, lbl2), boxes=None, masks=prev)
+                m2, i2 = model.mask_decoder(
+                    emb, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False
+                )
+                m2 = m2.float()
+                t2 = tgt[idx]
+                seg_terms.append(seg_loss(m2, t2, loss)[:, 0])
+                act2 = mask_iou(m2.detach(), t2)
+                iou_terms.append(((i2.float() - act2) ** 2)[:, 0])
+    seg = torch.cat(seg_terms).mean()
+    iou = torch.cat(iou_terms).mean()
+    stats = {
+        "seg": seg.item(),
+        "iou_mse": iou.item(),
+        "best_iou": torch.cat(best_ious).mean().item(),
+    }
+    return seg + iou, stats
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _lr(step, progress, lr, warmup):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 2% over ``progress``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, max(0.0, progress))
+    return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train(
+    out: str,
+    steps: int,
+    seed: int = 0,
+    config: str | dict = "tiny",
+    batch: int = 2,
+    prompts: int = 16,
+    lr: float = 8e-4,
+    weight_decay: float = 0.05,
+    warmup: int = 100,
+    refine_frac: float = 0.25,
+    bf16: bool = True,
+    threads: int | None = None,
+    workers: int = 1,
+    save_every: int = 250,
+    resume: bool = False,
+    backend: str = "ours",
+    data: dict | None = None,
+    log_every: int = 25,
+    progress: bool = True,
+    max_minutes: float | None = None,
+    command: str | None = None,
+    loss: str = "bce",
+) -> dict:
+    """Train and write ``out`` (state dict) plus ``out`` with ``.json`` (metadata)."""
+    cfg = model_config(config) if isinstance(config, str) else validate_config(dict(config))
+    data = {**DEFAULT_DATA, **(data or {})}
+    torch.manual_seed(seed)
+    threads = threads or max(1, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads)
+    model = build_model(cfg, backend)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.999),
+    )
+    state_path = out + ".state"
+    start, elapsed, history = 0, 0.0, []
+    if resume and os.path.exists(state_path):
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, elapsed, history = st["step"], st["elapsed"], st["history"]
+        log.info("resumed at step %d (%.1f min trained)", start, elapsed / 60)
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0FFEE, start]))
+    stream = SceneStream(seed, start, steps, batch, cfg["image_size"], prompts, data)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
+    )
+    it = iter(loader)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc="train", mininterval=5)
+    t0 = time.time()
+    ema = None
+    step = start
+
+    def save_state():
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = state_path + ".tmp"
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step_done,
+                "elapsed": elapsed + time.time() - t0,
+                "history": history,
+            },
+            tmp,
+        )
+        os.replace(tmp, state_path)
+
+    stopped_early = False
+    step_done = start
+    for step in range(start, steps):
+        samples = next(it)
+        # schedule progress: by steps, or by wall time when a time budget is given
+        progress = (step - warmup) / max(1, steps - warmup)
+        if max_minutes is not None:
+            run_time = elapsed + time.time() - t0
+            progress = max(progress, run_time / (max_minutes * 60))
+            if progress >= 1.0:
+                stopped_early = True
+                break
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, progress, lr, warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            total, stats = compute_loss(model, samples, refine_frac, rng, loss)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step_done = step + 1
+        stats["loss"] = total.item()
+        ema = stats if ema is None else {k: 0.95 * ema[k] + 0.05 * v for k, v in stats.items()}
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema['loss']:.3f}", iou=f"{ema['best_iou']:.3f}")
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            now = elapsed + time.time() - t0
+            history.append(
+                {
+                    "step": step + 1,
+                    "minutes": round(now / 60, 2),
+                    **{k: round(v, 4) for k, v in ema.items()},
+                }
+            )
+            log.info(
+                "step %d/%d %.1f min loss %.4f seg %.4f iou_mse %.4f best_iou %.3f lr %.2e",
+                step + 1,
+                steps,
+                now / 60,
+                ema["loss"],
+                ema["seg"],
+                ema["iou_mse"],
+                ema["best_iou"],
+                opt.param_groups[0]["lr"],
+            )
+        if save_every and (step + 1) % save_every == 0:
+            save_state()
+    if bar is not None:
+        bar.close()
+    steps_done = step_done
+    total = elapsed + time.time() - t0
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    sd = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
+    torch.save(sd, out)
+    meta = {
+        "model": cfg.get("name", "custom"),
+        "config": cfg,
+        "format": "fp32 state dict, official SAM key names",
+        "sha256": sha256_file(out),
+        "bytes": os.path.getsize(out),
+        "seed": seed,
+        "steps": steps_done,
+        "steps_planned": steps,
+        "stopped_early": stopped_early,
+        "batch": batch,
+        "prompts_per_image": prompts,
+        "optimizer": {
+            "name": "AdamW",
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup": warmup,
+            "schedule": "cosine to 2%",
+            "grad_clip": 1.0,
+        },
+        "refine_frac": refine_frac,
+        "loss": {
+            "kind": loss,
+            "terms": "focal: 20*focal + dice; bce: BCE + dice. On the best of 3 multimask "
+            "logits (points), plus the single output (boxes, refinement round); MSE of "
+            "predicted vs actual IoU for every output",
+        },
+        "bf16_autocast": bf16,
+        "backend": backend,
+        "training_minutes": round(total / 60, 2),
+        "threads": threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "data": {
+            "generator": "sam.scenes.make_scene",
+            "scene_seeds": f"{TRAIN_SEED_BASE} + seed * 1e9 + step * batch + index (held-out: seeds < {TRAIN_SEED_BASE})",
+            **data,
+        },
+        "history": history[-40:],
+        "command": command or f"python -m sam.train --out {out} --steps {steps} --seed {seed}",
+    }
+    meta_path = os.path.splitext(out)[0] + ".json"
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+            if "eval" in old and old.get("sha256") == meta["sha256"]:
+                meta["eval"] = old["eval"]
+        except (OSError, ValueError):
+            pass
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    log.info(
+        "wrote %s (%d bytes, sha256 %s) after %d steps, %.1f min",
+        out,
+        meta["bytes"],
+        meta["sha256"],
+        steps_done,
+        total / 60,
+    )
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sam.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="checkpoint path (.pth); metadata goes to .json")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default="tiny", help="model name in sam.config, or a JSON file")
+    p.add_argument("--batch", type=int, default=2, help="scenes per step")
+    p.add_argument("--prompts", type=int, default=16, help="prompts (instances) per scene")
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument(
+        "--refine-frac", type=float, default=0.25, help="point prompts given a 2nd round"
+    )
+    p.add_argument("--no-bf16", action="store_true", help="train in fp32 (slower on CPU)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int, default=1, help="data generation processes")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--resume", action="store_true", help="continue from <out>.state")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="wall-time budget: the LR schedule follows max(step, time) progress and training "
+        "stops (and writes) when the budget is spent; the steps done are recorded",
+    )
+    p.add_argument("--backend", choices=["ours", "reference"], default="ours")
+    p.add_argument("--data", default=None, help="JSON overriding scene-generator parameters")
+    p.add_argument("--loss", choices=["bce", "focal"], default="bce", help="see seg_loss")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = a.config
+    if config.endswith(".json"):
+        with open(config) as f:
+            config = json.load(f)
+    train(
+        a.out,
+        a.steps,
+        seed=a.seed,
+        config=config,
+        batch=a.batch,
+        prompts=a.prompts,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        warmup=a.warmup,
+        refine_frac=a.refine_frac,
+        bf16=not a.no_bf16,
+        threads=a.threads,
+        workers=a.workers,
+        save_every=a.save_every,
+        resume=a.resume,
+        backend=a.backend,
+        data=json.loads(a.data) if a.data else None,
+        log_every=a.log_every,
+        loss=a.loss,
+        progress=not a.no_progress,
+        max_minutes=a.max_minutes,
+        command="python -m sam.train " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The automatic mask generator against the reference generator, with identical weights
+(the bundled tiny model, which yields many distinct masks)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from sam import model_config, sam_model_registry
+from sam.amg import PRESETS, SamAutomaticMaskGenerator
+from sam.scenes import make_scene
+from tests.conftest import shared_dir
+from tests.reference import build_reference_sam, segment_anything
+
+mask_utils = pytest.importorskip("pycocotools.mask")
+
+
+@pytest.fixture(scope="module")
+def models():
+    ours = sam_model_registry["tiny"]()
+    ref = build_reference_sam(model_config("tiny"), ours.state_dict())
+    return ours, ref
+
+
+def _mask(seg, size=None) -> np.ndarray:
+    if isinstance(seg, np.ndarray):
+        return seg.astype(bool)
+    if isinstance(seg["counts"], list):
+        seg = mask_utils.frPyObjects(seg, *seg["size"])
+    return mask_utils.decode(seg).astype(bool)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def match(ref: list[dict], ours: list[dict]) -> tuple[list[tuple[dict, dict]], int, int]:
+    """Pair records by (point_coords, crop_box); one point may yield several masks, so
+    within a key pair by mask IoU. Returns the pairs and the unmatched counts."""
+    def key(r):
+        return (tuple(np.round(r["point_coords"][0], 6)), tuple(r["crop_box"]))
+
+    groups_r, groups_o = defaultdict(list), defaultdict(list)
+    for r in ref:
+        groups_r[key(r)].append(r)
+    for r in ours:
+        groups_o[key(r)].append(r)
+    pairs, un_r, un_o = [], 0, 0
+    for k in set(groups_r) | set(groups_o):
+        rs, os_ = list(groups_r.get(k, [])), list(groups_o.get(k, []))
+        while rs and os_:
+            r = rs.pop()
+            best = max(os_, key=lambda o: _iou(_mask(o["segmentation"]), _mask(r["segmentation"])))
+            os_.remove(best)
+            pairs.append((r, best))
+        un_r += len(rs)
+        un_o += len(os_)
+    return pairs, un_r, un_o
+
+
+def assert_parity(ref: list[dict], ours: list[dict], min_records: int = 10) -> None:
+    assert len(ref) >= min_records, "the fixture must produce many masks"
+    pairs, un_r, un_o = match(ref, ours)
+    assert len(pairs) >= 0.99 * len(ref), f"{un_r} of {len(ref)} reference records unmatched"
+    assert len(pairs) >= 0.99 * len(ours), f"{un_o} of {len(ours)} of our records unmatched"
+    for r, o in pairs:
+        assert o.keys() == r.keys()
+        assert list(o) == list(r)  # same field order
+        assert _iou(_mask(o["segmentation"]), _mask(r["segmentation"])) >= 0.99
+        assert abs(o["predicted_iou"] - r["predicted_iou"]) < 1e-4
+        assert abs(o["stability_score"] - r["stability_score"]) < 1e-4
+        assert o["crop_box"] == r["crop_box"]
+        assert [type(v) for v in o["crop_box"]] == [type(v) for v in r["crop_box"]]
+        assert o["point_coords"] == pytest.approx(r["point_coords"], abs=1e-9)
+        if np.array_equal(_mask(o["segmentation"]), _mask(r["segmentation"])):
+            assert o["area"] == r["area"]
+            assert o["bbox"] == r["bbox"]
+            assert [type(v) for v in o["bbox"]] == [type(v) for v in r["bbox"]]
+
+
+def scene(seed: int, h: int, w: int) -> np.ndarray:
+    return make_scene(seed=seed, height=h, width=w).image
+
+
+CASES = {
+    "defaults": dict(),
+    "coarse_uncompressed": dict(points_per_side=16, output_mode="uncompressed_rle"),
+    "coarse_coco": dict(points_per_side=16, output_mode="coco_rle", points_per_batch=37),
+    "crop1": dict(points_per_side=16, crop_n_layers=1, crop_n_points_downscale_factor=2,
+                  output_mode="coco_rle"),
+    "crop2": dict(points_per_side=16, crop_n_layers=2, crop_n_points_downscale_factor=2,
+                  output_mode="coco_rle"),
+    "small_regions": dict(points_per_side=16, min_mask_region_area=200, output_mode="coco_rle"),
+    "loose_thresholds": dict(points_per_side=12, pred_iou_thresh=0.5, stability_score_thresh=0.8,
+                             box_nms_thresh=0.5, output_mode="coco_rle", points_per_batch=500),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_parity_on_synthetic_scene(models, case):
+    ours, ref = models
+    image = scene(seed=20_001, h=487, w=613)  # odd, non-square
+    kw = CASES[case]
+    expect = segment_anything.SamAutomaticMaskGenerator(ref, **kw).generate(image)
+    got = SamAutomaticMaskGenerator(ours, **kw).generate(image)
+    assert_parity(expect, got)
+
+
+def test_parity_batch_size_independent(models):
+    ours, _ = models
+    image = scene(seed=20_002, h=300, w=701)
+    a = SamAutomaticMaskGenerator(ours, points_per_side=16, output_mode="coco_rle", batch_size=7).generate(image)
+    b = SamAutomaticMaskGenerator(ours, points_per_side=16, output_mode="coco_rle", batch_size=1000).generate(image)
+    key = lambda r: (tuple(r["point_coords"][0]), r["segmentation"]["counts"])  # noqa: E731
+    assert sorted(map(key, a)) == sorted(map(key, b))
+
+
+def test_generate_batch_equals_single(models):
+    ours, _ = models
+    images = [scene(seed=20_003, h=256, w=380), scene(seed=20_004, h=401, w=299)]
+    gen = SamAutomaticMaskGenerator(ours, points_per_side=12, output_mode="coco_rle")
+    batch = gen.generate_batch(images)
+    for image, recs in zip(images, batch):
+        single = gen.generate(image)
+        assert sorted(r["segmentation"]["counts"] for r in recs) == sorted(
+            r["segmentation"]["counts"] for r in single
+        )
+
+
+def test_parity_on_real_photos(models):
+    folder = shared_dir("images")
+    from PIL import Image
+
+    ours, ref = models
+    for path in sorted(folder.glob("*.jpg"))[:2]:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        kw = dict(points_per_side=16, output_mode="coco_rle")
+        expect = segment_anything.SamAutomaticMaskGenerator(ref, **kw).generate(image)
+        got = SamAutomaticMaskGenerator(ours, **kw).generate(image)
+        assert_parity(expect, got, min_records=3)
+
+
+def test_record_conventions(models):
+    """Boxes are SA-1B's inclusive XYWH; areas are pixel counts; masks have distinct shapes."""
+    ours, _ = models
+    image = scene(seed=20_005, h=333, w=444)
+    recs = SamAutomaticMaskGenerator(ours, points_per_side=16).generate(image)
+    assert len(recs) >= 10
+    for r in recs:
+        m = r["segmentation"]
+        assert m.shape == image.shape[:2] and m.dtype == bool
+        ys, xs = np.nonzero(m)
+        assert r["area"] == m.sum()
+        assert r["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+        assert r["crop_box"] == [0, 0, 444, 333]
+    distinct = {np.packbits(r["segmentation"]).tobytes() for r in recs}
+    assert len(distinct) == len(recs)
+
+
+def test_sa1b_preset_reproduces_real_crop_boxes():
+    """The sa1b preset's crop windows are those of the real sample (2000x1500 image)."""
+    import json
+
+    from sam import amg_ops
+
+    sample = json.loads((shared_dir("sa1b") / "sa_226381.excerpt.json").read_text())
+    img = sample["image"]
+    p = PRESETS["sa1b"]
+    boxes, _ = amg_ops.crop_boxes((img["height"], img["width"]), p["crop_n_layers"], p["crop_overlap_ratio"])
+    windows = {(b[0], b[1], b[2] - b[0], b[3] - b[1]) for b in boxes}
+    grids = amg_ops.layer_point_grids(p["points_per_side"], p["crop_n_layers"], p["crop_n_points_downscale_factor"])
+    for ann in sample["annotations"]:
+        cb = tuple(int(v) for v in ann["crop_box"])
+        assert cb in windows
+        # the prompt point lies on the layer's grid scaled to the crop
+        x, y = ann["point_coords"][0]
+        found = False
+        for g in grids:
+            pts = g * np.array([cb[2], cb[3]]) + np.array([cb[0], cb[1]])
+            if np.isclose(pts, [x, y], atol=1e-6).all(axis=1).any():
+                found = True
+        assert found, ann["point_coords"]
+
+
+def test_bad_arguments(models):
+    ours, _ = models
+    with pytest.raises(ValueError, match="Exactly one"):
+        SamAutomaticMaskGenerator(ours, points_per_side=None)
+    with pytest.raises(ValueError, match="output_mode"):
+        SamAutomaticMaskGenerator(ours, output_mode="png")
+    with pytest.raises(ValueError, match="unknown preset"):
+        SamAutomaticMaskGenerator.from_preset(ours, "nope")
