@@ -1,0 +1,217 @@
+"""The shard worker without Ray: outputs of one shard against the generator run directly,
+failing images recorded, re-annotation of SA-1B shards, loose-file layout."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.actors import ANNOTATION_ID_STRIDE, ShardProcessor, ShardTask, WorkerConfig
+from pipeline.driver import resolve_generator_settings
+from pipeline.sa1b_reader import ShardReader
+from tests.jobs.helpers import GENERATOR, hidden_files, image_bytes, tar_records, write_model
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("model"))
+
+
+def _config(out, model_files, **kw):
+    cfg_json, ckpt = model_files
+    with open(cfg_json) as f:
+        model = json.load(f)
+    settings = resolve_generator_settings("default", GENERATOR)
+    base = {"torch_threads": 1, "device": "cpu", "read_threads": 2, "prefetch": 3}
+    return WorkerConfig(
+        output=str(out), run_id="test", model=model, checkpoint=ckpt, generator=settings,
+        **{**base, **kw},
+    )  # fmt: skip
+
+
+def _expected(processor, data: bytes):
+    """What the generator itself says for an image (decoded independently)."""
+    from sam import build_sam
+    from sam.amg import SamAutomaticMaskGenerator
+
+    cfg = processor.cfg
+    model = build_sam(cfg.model, cfg.checkpoint)
+    gen = SamAutomaticMaskGenerator(model, **cfg.generator, output_mode="coco_rle")
+    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return img.shape[:2], gen.generate(img)
+
+
+def test_shard_outputs_match_the_generator_and_failures_are_recorded(tmp_path, model_files):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = {1: image_bytes(1), 2: image_bytes(2, fmt="PNG"), 6: image_bytes(6, h=40, w=30)}
+    for i, data in good.items():
+        (src / f"{i}.img").write_bytes(data)
+    (src / "3.img").write_bytes(b"garbage, not an image")
+    (src / "4.img").write_bytes(b"")
+    (src / "5.img").write_bytes(image_bytes(5, h=120, w=100))  # over the pixel limit below
+    items = tuple((i, str(src / f"{i}.img")) for i in range(1, 8))  # 7 does not exist
+    out = tmp_path / "out"
+    proc = ShardProcessor(_config(out, model_files, max_image_pixels=100 * 100))
+    marker = proc.process(ShardTask(3, "sa_000003", items))
+
+    assert (marker["images_ok"], marker["images_failed"]) == (3, 4)
+    statuses = {f["image_id"]: f["status"] for f in marker["failures"]}
+    assert statuses == {3: "corrupt", 4: "corrupt", 5: "too_large", 7: "missing"}
+    assert json.loads((out / "_commits" / "sa_000003.json").read_text())["images_ok"] == 3
+
+    recs = tar_records(out / "sa_000003.tar")
+    assert sorted(recs) == [1, 2, 6]
+    total = 0
+    for i, data in good.items():
+        (h, w), expected = _expected(proc, data)
+        rec = recs[i]
+        assert rec["image"] == {"image_id": i, "width": w, "height": h, "file_name": f"sa_{i}.jpg"}
+        got = rec["annotations"]
+        assert [a["id"] for a in got] == [i * ANNOTATION_ID_STRIDE + j for j in range(len(got))]
+        for a, e in zip(got, expected):
+            assert a["segmentation"] == e["segmentation"]
+            assert a["bbox"] == e["bbox"] and a["area"] == e["area"]
+            assert a["point_coords"] == e["point_coords"] and a["crop_box"] == e["crop_box"]
+            assert a["predicted_iou"] == pytest.approx(e["predicted_iou"], abs=0)
+        assert len(got) == len(expected) > 0
+        total += len(got)
+    assert marker["annotations"] == total
+
+    # the SA-1B reader pairs every image with its JSON; JPEG bytes are copied verbatim
+    reader = ShardReader(str(out / "sa_000003.tar"))
+    by_id = {r.image_id: r for r in reader}
+    assert reader.report.ok and sorted(by_id) == [1, 2, 6]
+    assert by_id[1].jpeg_bytes == good[1]
+    assert Image.open(io.BytesIO(by_id[2].jpeg_bytes)).format == "JPEG"  # PNG re-encoded
+
+    images = pd.read_parquet(out / "index" / "images")
+    anns = pd.read_parquet(out / "index" / "annotations")
+    status = pd.read_parquet(out / "index" / "status").set_index("image_id")
+    assert sorted(images.image_id) == [1, 2, 6] and len(anns) == total
+    assert set(anns.id) == {a["id"] for r in recs.values() for a in r["annotations"]}
+    row = images.set_index("image_id").loc[6]
+    assert (row.jpg_offset, row.json_offset) == (by_id[6].jpg_offset, by_id[6].json_offset)
+    assert list(status.index) == list(range(1, 8))
+    assert status.loc[7, "status"] == "missing" and status.loc[7, "reason"] == "not found"
+    assert status.loc[5, "status"] == "too_large" and "100x120 px" in status.loc[5, "reason"]
+    assert status.loc[1, "status"] == "ok" and status.loc[1, "num_annotations"] == len(
+        recs[1]["annotations"]
+    )
+    assert hidden_files(out) == []
+
+
+def test_exif_rotated_jpeg_is_annotated_upright(tmp_path, model_files):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated by 90 degrees
+    data = image_bytes(3, h=40, w=64, exif=exif)
+    (tmp_path / "r.jpg").write_bytes(data)
+    out = tmp_path / "out"
+    proc = ShardProcessor(_config(out, model_files))
+    proc.process(ShardTask(0, "sa_000000", ((1, str(tmp_path / "r.jpg")),)))
+    rec = tar_records(out / "sa_000000.tar")[1]
+    assert (rec["image"]["width"], rec["image"]["height"]) == (40, 64)
+    stored = next(iter(ShardReader(str(out / "sa_000000.tar")))).jpeg_bytes
+    assert stored != data and Image.open(io.BytesIO(stored)).size == (40, 64)
+
+
+def test_reannotation_keeps_shard_and_image_ids(tmp_path, model_files):
+    from pipeline.sa1b_writer import ShardWriter
+
+    src = tmp_path / "sa_000042.tar"
+    with ShardWriter(str(src)) as w:
+        for i in (1001, 77):
+            w.add(i, image_bytes(i), {"image": {"image_id": i}, "annotations": []})
+    out = tmp_path / "out"
+    proc = ShardProcessor(_config(out, model_files))
+    marker = proc.process(ShardTask(42, "sa_000042", source=str(src)))
+    assert marker["images_ok"] == 2 and marker["input_error"] is None
+    recs = tar_records(out / "sa_000042.tar")
+    assert sorted(recs) == [77, 1001]
+    assert all(len(r["annotations"]) > 0 for r in recs.values())
+    assert recs[77]["annotations"][0]["id"] == 77 * ANNOTATION_ID_STRIDE
+
+
+def test_truncated_input_shard_keeps_what_was_read(tmp_path, model_files):
+    from pipeline.sa1b_writer import ShardWriter
+
+    full = tmp_path / "full.tar"
+    with ShardWriter(str(full)) as w:
+        for i in range(1, 5):
+            w.add(i, image_bytes(i), {"image": {"image_id": i}, "annotations": []})
+    data = full.read_bytes()
+    src = tmp_path / "sa_000001.tar"
+    src.write_bytes(data[: len(data) * 2 // 3])
+    out = tmp_path / "out"
+    marker = ShardProcessor(_config(out, model_files)).process(
+        ShardTask(1, "sa_000001", source=str(src))
+    )
+    assert marker["input_error"] and 0 < marker["images_ok"] < 4
+    assert len(tar_records(out / "sa_000001.tar")) == marker["images_ok"]
+
+
+def test_loose_files_layout_without_images(tmp_path, model_files):
+    (tmp_path / "a.jpg").write_bytes(image_bytes(4))
+    out = tmp_path / "out"
+    proc = ShardProcessor(_config(out, model_files, layout="files", copy_images=False))
+    marker = proc.process(ShardTask(0, "sa_000000", ((9, str(tmp_path / "a.jpg")),)))
+    assert sorted(os.listdir(out / "sa_000000")) == ["sa_9.json"]
+    rec = json.loads((out / "sa_000000" / "sa_9.json").read_text())
+    assert rec["image"]["image_id"] == 9 and len(rec["annotations"]) == marker["annotations"]
+    assert not (out / "sa_000000.tar").exists()
+    img = pd.read_parquet(out / "index" / "images")
+    assert img.jpg_offset.isna().all()
+
+
+def test_stale_temp_files_of_a_killed_attempt_are_removed(tmp_path, model_files):
+    (tmp_path / "a.jpg").write_bytes(image_bytes(4))
+    out = tmp_path / "out"
+    (out / "index" / "images").mkdir(parents=True)
+    stale = [
+        out / ".sa_000000.tar.tmp-0123456789ab",
+        out / "index" / "images" / ".sa_000000.parquet.tmp-x",
+    ]
+    other = out / ".sa_000001.tar.tmp-0123456789ab"  # another shard's: not ours to touch
+    for p in [*stale, other]:
+        p.write_bytes(b"partial")
+    ShardProcessor(_config(out, model_files)).process(
+        ShardTask(0, "sa_000000", ((1, str(tmp_path / "a.jpg")),))
+    )
+    assert not any(p.exists() for p in stale) and other.exists()
+
+
+@pytest.mark.parametrize("layout", ["tar", "files"])
+def test_a_failing_write_fails_the_shard_without_hanging(tmp_path, model_files, layout):
+    import threading
+
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes(i))
+    out = tmp_path / "out"
+    out.mkdir()
+    if layout == "tar":
+        (out / "sa_000000.tar").mkdir()  # the tar cannot be put in place at the end
+    else:
+        (out / "sa_000000").write_bytes(b"")  # the first per-image file cannot be written
+    proc = ShardProcessor(_config(out, model_files, layout=layout, prefetch=2))
+    items = tuple((i + 1, str(tmp_path / f"{i}.jpg")) for i in range(6))
+    result: dict = {}
+
+    def run():
+        try:
+            proc.process(ShardTask(0, "sa_000000", items))
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the shard hung after a write error"
+    assert isinstance(result.get("error"), OSError)
+    assert not (out / "_commits").exists()  # not committed
+    assert hidden_files(out) == []  # no temp file left behind

@@ -1,0 +1,160 @@
+"""Run manifest, commit markers, status and I/O retries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from pipeline.manifest import (
+    MANIFEST_VERSION,
+    RunConflictError,
+    check_compatible,
+    committed_shards,
+    format_status,
+    load_manifest,
+    read_markers,
+    retry_io,
+    run_status,
+    write_manifest,
+    write_marker,
+)
+
+
+def _manifest(**over):
+    m = {
+        "version": MANIFEST_VERSION,
+        "run_id": "r1",
+        "model": {"name": "tiny", "checkpoint_sha256": "ab" * 32},
+        "generator": {"preset": "default", "settings": {"points_per_side": 32}},
+        "output": {"layout": "tar"},
+        "plan": {"kind": "images", "num_shards": 3, "num_images": 5, "sha256": "p1"},
+        "shards": ["sa_000000", "sa_000001", "sa_000002"],
+        "code_version": {"package": "0.1.0"},
+    }
+    m.update(over)
+    return m
+
+
+def test_manifest_roundtrip_and_absent(tmp_path):
+    out = str(tmp_path / "out")
+    assert load_manifest(out) is None
+    write_manifest(out, _manifest())
+    assert load_manifest(out) == _manifest()
+    assert not [p for p in os.listdir(tmp_path / "out" / "_run") if p.startswith(".")]
+
+
+def test_compatible_rerun_passes_and_code_change_only_warns(caplog):
+    check_compatible(_manifest(), _manifest(), "out")
+    with caplog.at_level(logging.WARNING):
+        check_compatible(_manifest(), _manifest(code_version={"package": "0.2.0"}), "out")
+    assert "code version differs" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            {"generator": {"preset": "default", "settings": {"points_per_side": 16}}},
+            "generator.settings.points_per_side: recorded 32, now 16",
+        ),
+        ({"model": {"name": "tiny", "checkpoint_sha256": "cd" * 32}}, "model.checkpoint_sha256"),
+        (
+            {"plan": {"kind": "images", "num_shards": 4, "num_images": 7, "sha256": "p2"}},
+            "plan.num_images: recorded 5, now 7",
+        ),
+        ({"output": {"layout": "files"}}, "output.layout"),
+    ],
+)
+def test_conflicting_rerun_is_refused_with_the_difference(change, expected):
+    with pytest.raises(RunConflictError) as e:
+        check_compatible(_manifest(), _manifest(**change), "s3://bucket/out")
+    assert expected in str(e.value)
+    assert "s3://bucket/out" in str(e.value)
+
+
+def test_markers_and_status(tmp_path):
+    out = str(tmp_path / "out")
+    write_manifest(out, _manifest())
+    assert committed_shards(out) == set()
+    write_marker(
+        out, "sa_000000", {"run_id": "r1", "images_ok": 2, "images_failed": 0, "annotations": 9}
+    )
+    write_marker(
+        out,
+        "sa_000002",
+        {
+            "run_id": "r1",
+            "images_ok": 0,
+            "images_failed": 1,
+            "annotations": 0,
+            "failures": [{"image_id": 5, "status": "corrupt", "reason": "bad"}],
+        },
+    )
+    # a marker from another run id (should never happen, but must not count)
+    write_marker(out, "sa_000009", {"run_id": "other", "images_ok": 100})
+    assert committed_shards(out) == {"sa_000000", "sa_000002", "sa_000009"}
+    assert set(read_markers(out)) == {"sa_000000", "sa_000002", "sa_000009"}
+    st = run_status(out)
+    assert (st.shards_total, st.shards_committed, st.complete) == (3, 2, False)
+    assert (st.images_ok, st.images_failed, st.annotations) == (2, 1, 9)
+    assert st.failures_by_status == {"corrupt": 1}
+    assert st.pending == ["sa_000001"]
+    text = format_status(st)
+    assert "2/3 committed" in text and "pending     1: sa_000001" in text
+    assert json.loads(json.dumps(st.as_dict()))["pending"] == ["sa_000001"]
+
+
+def test_status_of_an_empty_output(tmp_path):
+    st = run_status(str(tmp_path))
+    assert not st.started
+    assert "no generation run" in format_status(st)
+
+
+def test_marker_listing_bypasses_the_listing_cache(s3_bucket):
+    import boto3
+
+    bucket, _ = s3_bucket
+    out = f"s3://{bucket}/run"
+    write_marker(out, "sa_000000", {"run_id": "r"})
+    assert committed_shards(out) == {"sa_000000"}
+    # another process (a worker) commits a shard: the driver must see it
+    boto3.client(
+        "s3", endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], region_name="us-east-1"
+    ).put_object(Bucket=bucket, Key="run/_commits/sa_000001.json", Body=b'{"run_id": "r"}')
+    assert committed_shards(out) == {"sa_000000", "sa_000001"}
+
+
+def test_retry_io_retries_transient_errors_only(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "ok"
+
+    assert retry_io(flaky, what="s3://b/k") == "ok" and len(calls) == 3
+
+    calls.clear()
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("s3://b/k")
+
+    with pytest.raises(FileNotFoundError):
+        retry_io(missing, what="s3://b/k")
+    assert len(calls) == 1
+
+    calls.clear()
+
+    def down():
+        calls.append(1)
+        raise TimeoutError("slow down")
+
+    with pytest.raises(TimeoutError):
+        retry_io(down, what="s3://b/k", attempts=4)
+    assert len(calls) == 4

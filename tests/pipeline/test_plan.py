@@ -1,0 +1,155 @@
+"""Shard plans: stable ids from listings and list files, SA-1B re-annotation, clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.plan import InputError, ShardPlan, build_plan
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "in"
+    for name in ["b.jpg", "a.png", "sub/c.JPEG", "sub/deeper/d.webp", "e.jpg"]:
+        _touch(root / name)
+    _touch(root / "notes.txt")
+    _touch(root / ".hidden.jpg")
+    _touch(root / ".cache" / "f.jpg")
+    return root
+
+
+def test_folder_plan_sorted_recursive_with_ids_from_one(folder):
+    plan = build_plan(str(folder), shard_size=2)
+    assert plan.kind == "images"
+    expected = sorted(
+        str(folder / n) for n in ["a.png", "b.jpg", "e.jpg", "sub/c.JPEG", "sub/deeper/d.webp"]
+    )
+    got = [(s.name, it.image_id, it.uri) for s in plan.shards for it in s.items]
+    assert got == [
+        ("sa_000000", 1, expected[0]),
+        ("sa_000000", 2, expected[1]),
+        ("sa_000001", 3, expected[2]),
+        ("sa_000001", 4, expected[3]),
+        ("sa_000002", 5, expected[4]),
+    ]
+    assert plan.num_images == 5
+
+
+def test_fingerprint_is_stable_and_tracks_content(folder):
+    a = build_plan(str(folder), shard_size=2)
+    b = build_plan(str(folder), shard_size=2)
+    assert a.fingerprint() == b.fingerprint()
+    assert build_plan(str(folder), shard_size=3).fingerprint() != a.fingerprint()
+    assert build_plan(str(folder), shard_size=2, first_image_id=10).fingerprint() != a.fingerprint()
+    _touch(folder / "f.jpg")  # a new image changes the plan (listing is not cached)
+    assert build_plan(str(folder), shard_size=2).fingerprint() != a.fingerprint()
+
+
+def test_plan_save_load_roundtrip(folder, tmp_path):
+    plan = build_plan(str(folder), shard_size=2, first_shard_id=7)
+    url = str(tmp_path / "plan.parquet")
+    plan.save(url)
+    back = ShardPlan.load(url)
+    assert back.kind == "images" and back.shard_size == 2
+    assert [s.shard_id for s in back.shards] == [7, 8, 9]
+    assert back.fingerprint() == plan.fingerprint()
+    assert back.shards == plan.shards
+
+
+def test_txt_list_resolves_relative_entries(tmp_path):
+    lst = tmp_path / "lists" / "images.txt"
+    lst.parent.mkdir()
+    lst.write_text("# a comment\n../imgs/x.jpg\n\n/abs/y.jpg\ns3://bucket/z.jpg\n")
+    plan = build_plan(str(lst), shard_size=10)
+    uris = [it.uri for it in plan.shards[0].items]
+    assert uris == [str(tmp_path / "imgs" / "x.jpg"), "/abs/y.jpg", "s3://bucket/z.jpg"]
+    assert [it.image_id for it in plan.shards[0].items] == [1, 2, 3]
+
+
+def test_csv_list_with_image_ids(tmp_path):
+    lst = tmp_path / "l.csv"
+    lst.write_text("image_id,url,caption\n40,a.jpg,cat\n7,b.jpg,dog\n")
+    plan = build_plan(str(lst), shard_size=1)
+    got = [(s.name, it.image_id, os.path.basename(it.uri)) for s in plan.shards for it in s.items]
+    assert got == [("sa_000000", 40, "a.jpg"), ("sa_000001", 7, "b.jpg")]
+
+
+def test_parquet_list(tmp_path):
+    lst = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"path": ["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"]}), lst)
+    plan = build_plan(str(lst), shard_size=2)
+    assert [len(s.items) for s in plan.shards] == [2, 1]
+    assert plan.shards[1].items[0].uri == "s3://b/3.jpg"
+
+
+def test_sa1b_shards_keep_their_ids(tmp_path):
+    root = tmp_path / "shards"
+    for sid in (20, 3, 11):
+        _touch(root / f"sa_{sid:06d}.tar")
+    plan = build_plan(str(root))
+    assert plan.kind == "sa1b"
+    assert [(s.shard_id, s.name) for s in plan.shards] == [
+        (3, "sa_000003"),
+        (11, "sa_000011"),
+        (20, "sa_000020"),
+    ]
+    assert plan.shards[0].source == str(root / "sa_000003.tar")
+    assert plan.num_images is None
+    single = build_plan(str(root / "sa_000011.tar"))
+    assert [s.shard_id for s in single.shards] == [11]
+
+
+def test_sa1b_list_with_duplicate_shard_ids_is_refused(tmp_path):
+    lst = tmp_path / "shards.txt"
+    lst.write_text("a/sa_000001.tar\nb/sa_000001.tar\n")
+    with pytest.raises(InputError, match="shard id 1 appears twice"):
+        build_plan(str(lst))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: str(p / "missing"), "not found"),
+        (lambda p: (p / "empty").mkdir() or str(p / "empty"), "no images found"),
+        (lambda p: _touch(p / "l.csv", b"a,b\n1,2\n"), "no URI column"),
+        (lambda p: _touch(p / "l.txt", b"\n# only comments\n"), "the list is empty"),
+        (lambda p: _touch(p / "l.csv", b"uri,image_id\nx.jpg,1\ny.jpg,1\n"), "duplicate image ids"),
+        (lambda p: _touch(p / "data.bin"), "not a folder, image, SA-1B shard or list file"),
+    ],
+)
+def test_input_errors_name_the_input(tmp_path, make, message):
+    url = make(tmp_path)
+    with pytest.raises(InputError, match=message) as e:
+        build_plan(url)
+    assert os.path.basename(url) in str(e.value)
+
+
+def test_plan_on_s3_prefix_sees_new_objects(s3_bucket):
+    bucket, fs = s3_bucket
+    for n in ("b.jpg", "a.jpg", "x/c.png"):
+        fs.pipe(f"{bucket}/imgs/{n}", b"x")
+    plan = build_plan(f"s3://{bucket}/imgs/", shard_size=2)
+    assert [it.uri for s in plan.shards for it in s.items] == [
+        f"s3://{bucket}/imgs/a.jpg",
+        f"s3://{bucket}/imgs/b.jpg",
+        f"s3://{bucket}/imgs/x/c.png",
+    ]
+    # an object added by someone else shows up: the listing bypasses fsspec's cache
+    import boto3
+
+    boto3.client(
+        "s3", endpoint_url=os.environ["FSSPEC_S3_ENDPOINT_URL"], region_name="us-east-1"
+    ).put_object(Bucket=bucket, Key="imgs/d.jpg", Body=b"x")
+    assert build_plan(f"s3://{bucket}/imgs/", shard_size=2).num_images == 4
+    with pytest.raises(InputError, match="not found"):
+        build_plan(f"s3://{bucket}/nothing-here/")
