@@ -59,3 +59,21 @@ def __getattr__(name: str) -> Any:  # torch is imported only when the dataset is
 
         return SA1BDataset
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+# Generation runs (shard plans, run manifest and markers, the Ray driver).
+from pipeline.driver import GenerateConfig, RunSummary, run_generation  # noqa: E402
+from pipeline.manifest import RunConflictError, RunStatus, run_status  # noqa: E402
+from pipeline.plan import InputError, ShardPlan, build_plan  # noqa: E402
+
+__all__ += [
+    "GenerateConfig",
+    "InputError",
+    "RunConflictError",
+    "RunStatus",
+    "RunSummary",
+    "ShardPlan",
+    "build_plan",
+    "run_generation",
+    "run_status",
+]
