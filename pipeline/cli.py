@@ -169,9 +169,17 @@ def _seek_index_for(url: str, seek_dir: str | None) -> Any:
 
 
 def _records(
-    urls: Sequence[str], ids: set[int] | None, seek_dir: str | None, load_images: bool = True
+    urls: Sequence[str],
+    ids: set[int] | None,
+    seek_dir: str | None,
+    load_images: bool = True,
+    damaged: list[tuple[str, str]] | None = None,
 ) -> Iterator[SA1BRecord]:
-    """Records of ``urls`` (only ``ids`` when given; via seek indexes when found)."""
+    """Records of ``urls`` (only ``ids`` when given; via seek indexes when found).
+
+    A damaged shard (corrupt or truncated) gives the records before the damage; it is
+    logged once and appended to ``damaged`` as ``(shard, error)`` so that the command
+    can fail instead of presenting a partial result as complete."""
     for url in urls:
         idx = _seek_index_for(url, seek_dir) if ids else None
         if idx is not None:
@@ -184,8 +192,16 @@ def _records(
         for rec in reader:
             if ids is None or rec.image_id in ids:
                 yield rec
-        if not reader.report.complete:
-            log.error("%s: incomplete: %s", reader.report.url, reader.report.error)
+        rep = reader.report
+        if not rep.complete:
+            log.error(
+                "%s: damaged shard, only the %d images before the damage were read: %s",
+                rep.url,
+                rep.images,
+                rep.error,
+            )
+            if damaged is not None:
+                damaged.append((rep.url, rep.error or "incomplete"))
 
 
 # ----------------------------------------------------------------------------- extract
@@ -213,8 +229,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     ids = _parse_ids(args.ids)
     os.makedirs(args.out, exist_ok=True)
     done: set[int] = set()
+    damaged: list[tuple[str, str]] = []
+    bad_records = 0
     with _progress(len(ids) if ids else None, "extract", unit="image") as bar:
-        for rec in _records(args.shards, ids, args.seek_dir):
+        for rec in _records(args.shards, ids, args.seek_dir, damaged=damaged):
             base = os.path.join(args.out, f"sa_{int(rec.image_id)}")  # never a member name
             try:
                 with atomic_write(base + ".jpg") as f:
@@ -227,17 +245,24 @@ def cmd_extract(args: argparse.Namespace) -> int:
                     _write_masks_png(rec, base + "_masks")
             except (RecordError, KeyError, TypeError) as e:
                 log.error("sa_%s: %s", rec.image_id, e)
+                bad_records += 1
                 continue
             done.add(rec.image_id)
             bar.update(1)
-    print(f"extracted {len(done)} images to {args.out}")
+    partial = f" (PARTIAL: {len(damaged)} damaged shard(s))" if damaged else ""
+    print(f"extracted {len(done)} images to {args.out}{partial}")
+    status = EXIT_PROBLEMS if damaged or bad_records else EXIT_OK
     if ids and ids - done:
         print(f"not found: {', '.join(str(i) for i in sorted(ids - done))}")
-        return EXIT_PROBLEMS
-    return EXIT_OK
+        status = EXIT_PROBLEMS
+    return status
 
 
 # ----------------------------------------------------------------------------- coco
+
+
+class _Discard(Exception):
+    """Raised inside an ``atomic_write`` block so that the output is not committed."""
 
 
 def cmd_coco(args: argparse.Namespace) -> int:
@@ -245,52 +270,81 @@ def cmd_coco(args: argparse.Namespace) -> int:
     ids = _parse_ids(args.ids)
     images = []
     n_ann = 0
-    with atomic_write(args.out) as f:
-        f.write(b'{"annotations": [')
-        first = True
-        for rec in _records(args.shards, ids, args.seek_dir, load_images=False):
-            try:
-                img, anns = rec.image_info, rec.annotations
-            except RecordError as e:
-                log.error("%s", e)
-                continue
-            images.append(
-                {
-                    "id": img["image_id"],
-                    "file_name": img["file_name"],
-                    "width": img["width"],
-                    "height": img["height"],
-                }
-            )
-            for a in anns:
-                x, y, w, h = a["bbox"]
-                bbox = [x, y, w, h] if args.sa1b_bbox else [x, y, w + 1, h + 1]
-                if not args.sa1b_bbox and a["area"] == 0:
-                    bbox = [0, 0, 0, 0]
-                out = {
-                    "id": a["id"],
-                    "image_id": img["image_id"],
-                    "category_id": 1,
-                    "segmentation": a["segmentation"],
-                    "area": a["area"],
-                    "bbox": bbox,
-                    "iscrowd": 0,
-                    "predicted_iou": a["predicted_iou"],
-                    "stability_score": a["stability_score"],
-                    "point_coords": a["point_coords"],
-                    "crop_box": a["crop_box"],
-                }
-                f.write((b"" if first else b", ") + json.dumps(out).encode())
-                first = False
-                n_ann += 1
-        tail = {
-            "images": images,
-            "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
-            "info": {"description": "SA-1B converted by sa1b-decode"},
-        }
-        f.write(b"], " + json.dumps(tail)[1:].encode())
-    print(f"wrote {len(images)} images, {n_ann} annotations to {args.out}")
-    return EXIT_OK
+    damaged: list[tuple[str, str]] = []
+    bad_records = 0
+    try:
+        with atomic_write(args.out) as f:
+            n_ann, bad_records = _write_coco(args, ids, f, images, damaged)
+            if damaged and not args.allow_partial:
+                raise _Discard
+    except _Discard:
+        log.error(
+            "not writing %s: %d damaged shard(s) would leave it without their images after "
+            "the damage (--allow-partial writes it anyway)",
+            args.out,
+            len(damaged),
+        )
+        return EXIT_PROBLEMS
+    partial = f" (PARTIAL: {len(damaged)} damaged shard(s))" if damaged else ""
+    print(f"wrote {len(images)} images, {n_ann} annotations to {args.out}{partial}")
+    return EXIT_PROBLEMS if damaged or bad_records else EXIT_OK
+
+
+def _write_coco(
+    args: argparse.Namespace,
+    ids: set[int] | None,
+    f: Any,
+    images: list[dict[str, Any]],
+    damaged: list[tuple[str, str]],
+) -> tuple[int, int]:
+    """Stream the COCO JSON of ``args.shards`` into ``f``; ``(annotations, bad records)``."""
+    n_ann = bad = 0
+    f.write(b'{"annotations": [')
+    first = True
+    recs = _records(args.shards, ids, args.seek_dir, load_images=False, damaged=damaged)
+    for rec in recs:
+        try:
+            img, anns = rec.image_info, rec.annotations
+        except RecordError as e:
+            log.error("%s", e)
+            bad += 1
+            continue
+        images.append(
+            {
+                "id": img["image_id"],
+                "file_name": img["file_name"],
+                "width": img["width"],
+                "height": img["height"],
+            }
+        )
+        for a in anns:
+            x, y, w, h = a["bbox"]
+            bbox = [x, y, w, h] if args.sa1b_bbox else [x, y, w + 1, h + 1]
+            if not args.sa1b_bbox and a["area"] == 0:
+                bbox = [0, 0, 0, 0]
+            out = {
+                "id": a["id"],
+                "image_id": img["image_id"],
+                "category_id": 1,
+                "segmentation": a["segmentation"],
+                "area": a["area"],
+                "bbox": bbox,
+                "iscrowd": 0,
+                "predicted_iou": a["predicted_iou"],
+                "stability_score": a["stability_score"],
+                "point_coords": a["point_coords"],
+                "crop_box": a["crop_box"],
+            }
+            f.write((b"" if first else b", ") + json.dumps(out).encode())
+            first = False
+            n_ann += 1
+    tail = {
+        "images": images,
+        "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
+        "info": {"description": "SA-1B converted by sa1b-decode"},
+    }
+    f.write(b"], " + json.dumps(tail)[1:].encode())
+    return n_ann, bad
 
 
 # ----------------------------------------------------------------------------- show
@@ -507,6 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sa1b-bbox",
         action="store_true",
         help="keep SA-1B's inclusive boxes (default: COCO boxes, one pixel wider/taller)",
+    )
+    s.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="write the file even when a shard is damaged (exit status is still 1)",
     )
     s.set_defaults(func=cmd_coco)
 

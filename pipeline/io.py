@@ -8,6 +8,7 @@ here logs credentials or query strings of signed URLs.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import posixpath
 import uuid
@@ -100,8 +101,10 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
     """Write ``url`` so that a reader sees either nothing or the complete file.
 
     Local files: a hidden sibling temp file, ``fsync``, then ``os.replace``. Object
-    stores (no rename): the object is written once at its final key; the upload completes
-    only when the stream closes without error, and a failed upload is aborted.
+    stores (no rename): the file is opened with ``autocommit=False`` and committed (the
+    multipart upload completed) only when the block exits without error; on error it is
+    discarded (the upload aborted). ``memory://``, which publishes a file as soon as it is
+    opened, gets the data in one ``pipe_file`` at the end instead.
     """
     fs, path = url_to_fs(url)
     if "file" in _protocols(fs) or "local" in _protocols(fs):
@@ -120,18 +123,52 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
                 os.remove(tmp)
             raise
         return
-    f = fs.open(path, mode)
+    if _commits_on_open(fs):
+        # the store's file object is the stored object itself (memory://): write into a
+        # private buffer and store it in one step on success
+        buf = io.BytesIO()
+        out: IO = buf if "b" in mode else io.TextIOWrapper(buf, encoding="utf-8")
+        yield out
+        out.flush()
+        fs.pipe_file(path, buf.getvalue())
+        return
+    # deferred commit (s3fs, gcsfs, ...): parts are uploaded as they fill, but the
+    # object appears only on commit(); discard() aborts the upload
+    f = fs.open(path, mode if "b" in mode else mode.replace("t", "") + "b", autocommit=False)
     try:
-        yield f
+        if "b" in mode:
+            yield f
+        else:
+            text = io.TextIOWrapper(f, encoding="utf-8")
+            yield text
+            text.flush()
+        f.close()
     except BaseException:
-        # do not commit a partial object: discard the buffered upload
         with contextlib.suppress(Exception):
             f.discard()
         with contextlib.suppress(Exception):
             f.closed = True
+        _forget(fs, f)
         raise
-    else:
-        f.close()
+    try:
+        f.commit()
+    finally:
+        _forget(fs, f)
+
+
+def _commits_on_open(fs: fsspec.AbstractFileSystem) -> bool:
+    """Filesystems whose ``open(..., autocommit=False)`` still publishes the file at once
+    (fsspec's MemoryFileSystem ignores ``autocommit`` outside a transaction)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    return isinstance(fs, MemoryFileSystem)
+
+
+def _forget(fs: fsspec.AbstractFileSystem, f: Any) -> None:
+    """fsspec queues files opened with ``autocommit=False`` on the filesystem's
+    transaction for a later ``commit()``; this one is settled, so drop it from there."""
+    with contextlib.suppress(Exception):
+        fs.transaction.files.remove(f)
 
 
 def write_bytes(url: str, data: bytes) -> None:

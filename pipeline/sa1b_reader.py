@@ -9,8 +9,10 @@ paths, links) are skipped and reported, and a missing end-of-archive is detected
 Members come in random order, so ``.jpg`` and ``.json`` are paired by stem. Memory bound:
 members waiting for their partner are kept in RAM up to ``max_pending_bytes`` (default
 256 MiB); past that they are spilled to an anonymous temporary file and read back when
-the partner arrives. Peak memory is therefore about ``max_pending_bytes`` plus one
-member plus the inflate buffers, whatever the shard size.
+the partner arrives. A member is read into memory only up to ``max_member_bytes``
+(default 64 MiB; an SA-1B member is at most tens of MB); a larger one is skipped and
+reported. Peak memory is therefore about ``max_pending_bytes`` plus one member (at most
+``max_member_bytes``) plus the inflate buffers, whatever the shard size.
 
 A corrupt or truncated shard does not lose what came before the damage: records read so
 far are yielded, and :attr:`ShardReader.report` says the shard is incomplete and why.
@@ -57,6 +59,8 @@ _CHUNK = 1 << 20  # compressed bytes read per call
 _MAX_OUT = 4 << 20  # inflated bytes produced per call (bounds a zip-bomb chunk)
 _NAME_RE = re.compile(r"^sa_(\d+)\.(jpg|json)$")
 DEFAULT_MAX_PENDING = 256 << 20
+DEFAULT_MAX_MEMBER = 64 << 20  # an SA-1B member is at most tens of MB
+_MAX_EXT_HEADER = 1 << 20  # GNU long names and pax headers are a few hundred bytes
 
 
 class ShardFormatError(ValueError):
@@ -141,42 +145,69 @@ class _Inflater:
     def __init__(self, raw: _CountingReader, prefix: bytes, backend: str = "auto"):
         self.raw = raw
         self.mod = _backend(backend)
-        self.d = self.mod.decompressobj(wbits=31)
+        self.d: Any = self.mod.decompressobj(wbits=31)
         self.pending = prefix  # compressed input not yet given to the decompressor
         self.buf = b""
         self.pos = 0
         self.done = False
         self.total_out = 0
 
+    def _start_member(self) -> bool:
+        """Between gzip members: start the next one, or return ``False`` at a clean end of
+        the file. Zero bytes after the last member (block padding) are allowed and read
+        to the end; anything else there is garbage."""
+        rest, self.pending = self.pending, b""
+        while len(rest) < 2:  # a member's magic may straddle two reads
+            more = self.raw.read(_CHUNK)
+            if not more:
+                break
+            rest += more
+        if not rest:
+            return False
+        if rest[:2] == b"\x1f\x8b":  # another member: its data continues the stream
+            self.d = self.mod.decompressobj(wbits=31)
+            self.pending = rest
+            return True
+        while rest:
+            if rest.strip(b"\x00"):
+                raise CorruptShardError("trailing garbage after the gzip stream")
+            rest = self.raw.read(_CHUNK)
+        return False
+
     def _produce(self) -> bytes:
         while True:
-            if self.d.eof:
-                rest = self.d.unused_data + self.pending
+            if self.d is None and not self._start_member():
+                self.done = True
+                return b""
+            d = self.d
+            if d.eof:  # this member is complete; what follows it is the next one's input
+                self.pending = d.unused_data + self.pending
+                self.d = None
+                continue
+            data = d.unconsumed_tail or self.pending
+            if data is self.pending:
                 self.pending = b""
-                if not rest:
-                    rest = self.raw.read(_CHUNK)
-                if not rest:
-                    self.done = True
-                    return b""
-                if rest[:2] == b"\x1f\x8b":  # another gzip member
-                    self.d = self.mod.decompressobj(wbits=31)
-                    self.pending = rest
-                elif not rest.strip(b"\x00"):
-                    continue  # zero padding after the stream
-                else:
-                    raise CorruptShardError("trailing garbage after the gzip stream")
-            data = self.d.unconsumed_tail or self.pending
             if not data:
                 data = self.raw.read(_CHUNK)
                 if not data:
-                    raise TruncatedShardError("gzip stream ends early (truncated shard)")
-            self.pending = b""
+                    return self._at_raw_end(d)
             try:
-                out = self.d.decompress(data, _MAX_OUT)
+                out = d.decompress(data, _MAX_OUT)
             except Exception as e:  # zlib.error and its isal/zlib-ng twins
                 raise CorruptShardError(f"corrupt gzip data: {e}") from e
             if out:
                 return out
+
+    def _at_raw_end(self, d: Any) -> bytes:
+        """The file ended inside a member. The decompressor may still hold output it
+        could not return under the ``_MAX_OUT`` limit: collect it, else it is truncated."""
+        try:
+            out = d.flush()
+        except Exception as e:
+            raise CorruptShardError(f"corrupt gzip data: {e}") from e
+        if out or d.eof:
+            return out if out else self._produce()
+        raise TruncatedShardError("gzip stream ends early (truncated shard)")
 
     def read(self, n: int) -> bytes:
         parts = []
@@ -233,24 +264,32 @@ def open_shard_stream(
     """Open ``url`` and return ``(uncompressed stream, raw counter, compression)``.
 
     ``compression`` is ``"gzip"`` or ``"none"``; raises :class:`ShardFormatError` for
-    anything that is not a (gzip-compressed) tar.
+    anything that is not a (gzip-compressed) tar. The caller closes ``counter.raw``; when
+    this raises, a handle it opened itself is already closed (a ``raw`` given by the
+    caller stays the caller's).
     """
-    counter = _CountingReader(raw if raw is not None else open_url(url), md5=md5)
-    head = counter.read(BLOCK)
-    while len(head) < BLOCK:
-        more = counter.read(BLOCK - len(head))
-        if not more:
-            break
-        head += more
-    if head[:2] == b"\x1f\x8b":
-        return _Inflater(counter, head, backend), counter, "gzip"
-    if _looks_like_tar(head):
-        return _Plain(counter, head), counter, "none"
-    if not head:
-        raise ShardFormatError(f"{redact(url)}: empty file, not a shard")
-    raise ShardFormatError(
-        f"{redact(url)}: not a tar or gzip-compressed tar (starts with {head[:8]!r})"
-    )
+    handle = raw if raw is not None else open_url(url)
+    try:
+        counter = _CountingReader(handle, md5=md5)
+        head = counter.read(BLOCK)
+        while len(head) < BLOCK:
+            more = counter.read(BLOCK - len(head))
+            if not more:
+                break
+            head += more
+        if head[:2] == b"\x1f\x8b":
+            return _Inflater(counter, head, backend), counter, "gzip"
+        if _looks_like_tar(head):
+            return _Plain(counter, head), counter, "none"
+        if not head:
+            raise ShardFormatError(f"{redact(url)}: empty file, not a shard")
+        raise ShardFormatError(
+            f"{redact(url)}: not a tar or gzip-compressed tar (starts with {head[:8]!r})"
+        )
+    except BaseException:
+        if raw is None:
+            handle.close()
+        raise
 
 
 # ------------------------------------------------------------------------ tar parsing
@@ -307,14 +346,16 @@ def iter_members(
     *,
     want: Callable[[str], bool] = lambda name: True,
     skipped: list[tuple[str, str]] | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER,
 ) -> Iterator[Member]:
     """Regular-file members of an uncompressed tar stream, in archive order.
 
     Data is read only for members where ``want(name)`` is true. Directories are ignored;
-    unsafe members (links, ``..``, absolute names, devices) are skipped and appended to
-    ``skipped`` as ``(name, reason)``. Raises :class:`TruncatedShardError` when the
-    stream ends before the end-of-archive marker, :class:`CorruptShardError` on a bad
-    header checksum.
+    unsafe members (links, ``..``, absolute names, devices) and wanted members larger than
+    ``max_member_bytes`` (never read into memory) are skipped and appended to ``skipped``
+    as ``(name, reason)``. Raises :class:`TruncatedShardError` when the stream ends before
+    the end-of-archive marker, :class:`CorruptShardError` on a bad header (checksum, size
+    field, pax record).
     """
     pos = 0
     long_name: str | None = None
@@ -355,11 +396,18 @@ def iter_members(
         if stored != chk:
             raise CorruptShardError(f"bad tar header checksum at byte {header_at}")
         typeflag = b[156:157]
-        size = _octal(b[124:136])
+        try:
+            size = _octal(b[124:136])
+        except ValueError as e:
+            raise CorruptShardError(f"bad tar size field at byte {header_at}") from e
         name = _nts(b[0:100])
         if b[257:263] == b"ustar\x00" and b[345:500].strip(b"\x00"):
             name = _nts(b[345:500]) + "/" + name
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if typeflag in (b"L", b"K", b"x", b"g") and size > _MAX_EXT_HEADER:
+            raise CorruptShardError(
+                f"tar extended header of {size} bytes at byte {header_at} (limit {_MAX_EXT_HEADER})"
+            )
         if typeflag in (b"L", b"K"):  # GNU long name / long link
             data = read_exact(padded)[:size]
             if typeflag == b"L":
@@ -375,7 +423,12 @@ def iter_members(
         if "path" in pax:
             name = pax["path"]
         if "size" in pax:
-            size = int(pax["size"])
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                size = -1
+            if size < 0:
+                raise CorruptShardError(f"bad pax size {pax['size']!r} at byte {header_at}")
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
         pax = {}
         if typeflag == b"5":  # directory
@@ -389,7 +442,15 @@ def iter_members(
             skip(padded)
             continue
         offset = pos
-        if want(name):
+        wanted = want(name)
+        if wanted and size > max_member_bytes:
+            reason = f"member of {size} bytes exceeds the {max_member_bytes}-byte limit"
+            if skipped is not None:
+                skipped.append((name, reason))
+            log.warning("skipping tar member %r: %s", name, reason)
+            skip(padded)
+            continue
+        if wanted:
             data = read_exact(size)
             skip(padded - size)
             yield Member(name, offset, size, data)
@@ -399,16 +460,28 @@ def iter_members(
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
+    """Records ``"<length> <key>=<value>\\n"`` of a pax extended header, where
+    ``length`` counts the whole record. Raises :class:`CorruptShardError` on a malformed
+    one (a length that does not move forward or overruns the header would otherwise
+    loop forever or read garbage)."""
     out: dict[str, str] = {}
     i = 0
-    while i < len(data):
+    n = len(data)
+    while i < n:
+        if data[i] == 0 and not data[i:].strip(b"\x00"):
+            break  # NUL padding after the last record
         sp = data.find(b" ", i)
-        if sp < 0:
-            break
-        length = int(data[i:sp])
-        rec = data[sp + 1 : i + length - 1]
-        k, _, v = rec.partition(b"=")
-        out[k.decode()] = v.decode("utf-8", "surrogateescape")
+        digits = data[i:sp] if sp >= 0 else b""
+        if not digits.isdigit():
+            raise CorruptShardError(f"bad pax header record at byte {i}: no length")
+        length = int(digits)
+        if not sp - i < length <= n - i:
+            raise CorruptShardError(f"bad pax header record at byte {i}: length {length}")
+        rec = data[sp + 1 : i + length]
+        if not rec.endswith(b"\n") or b"=" not in rec:
+            raise CorruptShardError(f"bad pax header record at byte {i}")
+        k, _, v = rec[:-1].partition(b"=")
+        out[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
         i += length
     return out
 
@@ -529,7 +602,12 @@ class _Pending:
         self.spill_end = 0
         self.spilled_bytes = 0
 
+    def __contains__(self, key: tuple[int, str]) -> bool:
+        return key in self.items
+
     def put(self, key: tuple[int, str], m: Member) -> None:
+        if key in self.items:  # replacing would lose the first copy and its byte count
+            raise ValueError(f"{m.name}: already waiting for its partner")
         data = m.data or b""
         if self.mem_bytes + len(data) <= self.max_bytes:
             self.items[key] = (m, -1, 0)
@@ -575,6 +653,9 @@ class ShardReader:
 
     ``load_images=False`` skips JPEG payloads (records carry only their location).
     ``on_error="raise"`` re-raises the first corruption instead of reporting it.
+    A member larger than ``max_member_bytes`` is not read (it is reported in
+    :attr:`ShardReport.skipped`, its partner as unpaired), and so is the second copy of a
+    member name already seen in the shard.
     """
 
     def __init__(
@@ -583,6 +664,7 @@ class ShardReader:
         *,
         load_images: bool = True,
         max_pending_bytes: int = DEFAULT_MAX_PENDING,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER,
         spill_dir: str | None = None,
         backend: str = "auto",
         md5: bool = False,
@@ -594,6 +676,7 @@ class ShardReader:
         self.shard = basename(url)
         self.load_images = load_images
         self.max_pending_bytes = max_pending_bytes
+        self.max_member_bytes = max_member_bytes
         self.spill_dir = spill_dir
         self.backend = backend
         self.md5 = md5
@@ -603,23 +686,36 @@ class ShardReader:
 
     def __iter__(self) -> Iterator[SA1BRecord]:
         rep = self.report
-        stream, counter, rep.compression = open_shard_stream(
-            self.url, backend=self.backend, md5=self.md5
-        )
+        try:  # closes its handle itself when it raises
+            stream, counter, rep.compression = open_shard_stream(
+                self.url, backend=self.backend, md5=self.md5
+            )
+        except (ShardFormatError, OSError) as e:
+            rep.error = f"{type(e).__name__}: {e}"
+            raise
         pending = _Pending(self.max_pending_bytes, self.spill_dir)
+        seen: set[tuple[int, str]] = set()
 
         def want(name: str) -> bool:
             parsed = parse_member_name(name)
             return parsed is not None and (self.load_images or parsed[1] == "json")
 
         try:
-            for m in iter_members(stream, want=want, skipped=rep.skipped):
+            members = iter_members(
+                stream, want=want, skipped=rep.skipped, max_member_bytes=self.max_member_bytes
+            )
+            for m in members:
                 rep.members += 1
                 parsed = parse_member_name(m.name)
                 if parsed is None:
                     rep.skipped.append((m.name, "not an sa_<id>.jpg/.json member"))
                     continue
                 image_id, kind = parsed
+                if (image_id, kind) in seen:
+                    rep.skipped.append((m.name, "duplicate member name (first copy kept)"))
+                    log.warning("%s: duplicate member %s skipped", rep.url, m.name)
+                    continue
+                seen.add((image_id, kind))
                 other = pending.pop((image_id, "json" if kind == "jpg" else "jpg"))
                 if other is None:
                     pending.put((image_id, kind), m)

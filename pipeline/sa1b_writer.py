@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import sys
 import tarfile
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -168,21 +169,33 @@ class ShardWriter:
         self.count += 1
         return jpg, js
 
+    def _abandon(self) -> None:
+        """Drop the tar and gzip streams without flushing into the discarded output."""
+        if self._tar is not None:
+            self._tar.closed = True
+            self._tar.fileobj.closed = True
+        if self._gz is not None:
+            self._gz.fileobj = None
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        ctx = self._ctx
         try:
-            if exc_type is None:
+            if exc_type is not None:
+                self._abandon()
+                ctx.__exit__(exc_type, exc, tb)
+                return
+            try:
                 assert self._tar is not None
                 self._tar.close()
                 if self._gz is not None:
                     self._gz.close()
-            else:  # abandon the streams without flushing into the discarded output
-                if self._tar is not None:
-                    self._tar.closed = True
-                    self._tar.fileobj.closed = True
-                if self._gz is not None:
-                    self._gz.fileobj = None
+            except BaseException:
+                # the shard is incomplete: the output must be discarded, not committed
+                self._abandon()
+                ctx.__exit__(*sys.exc_info())
+                raise
+            ctx.__exit__(None, None, None)  # commit only after both closes succeeded
         finally:
-            self._ctx.__exit__(exc_type, exc, tb)
             self._tar = self._gz = self._ctx = None
 
 

@@ -29,7 +29,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.io import basename, open_url, redact, write_bytes
+from pipeline.io import basename, open_url, redact, url_to_fs, write_bytes
 from pipeline.sa1b_reader import (
     CorruptShardError,
     Member,
@@ -44,6 +44,7 @@ __all__ = [
     "SeekIndexError",
     "ShardRandomAccess",
     "build_seek_index",
+    "check_index_matches",
     "find_record_by_scan",
     "gzip_checkpoints",
     "seek_index_name",
@@ -86,6 +87,7 @@ class SeekIndex:
     offsets: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     checkpoints: bytes = b""
+    source: str = field(default="", compare=False, repr=False)  # where it was loaded from
 
     def __post_init__(self) -> None:
         self._by_name = {n: i for i, n in enumerate(self.names)}
@@ -129,16 +131,17 @@ class SeekIndex:
         return MAGIC + struct.pack("<BQ", VERSION, len(h)) + h + self.checkpoints
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "seek index") -> SeekIndex:
+    def from_bytes(cls, data: bytes, source: str = "") -> SeekIndex:
+        where = source or "seek index"
         if data[:8] != MAGIC:
-            raise SeekIndexError(f"{source}: not an SA-1B seek index")
+            raise SeekIndexError(f"{where}: not an SA-1B seek index")
         try:
             version, hlen = struct.unpack("<BQ", data[8:17])
             if version != VERSION:
-                raise SeekIndexError(f"{source}: seek index version {version} unsupported")
+                raise SeekIndexError(f"{where}: seek index version {version} unsupported")
             header = json.loads(zlib.decompress(data[17 : 17 + hlen]))
         except (struct.error, zlib.error, ValueError) as e:
-            raise SeekIndexError(f"{source}: damaged seek index: {e}") from e
+            raise SeekIndexError(f"{where}: damaged seek index: {e}") from e
         return cls(
             shard=header["shard"],
             compression=header["compression"],
@@ -149,6 +152,7 @@ class SeekIndex:
             offsets=header["offsets"],
             sizes=header["sizes"],
             checkpoints=bytes(data[17 + hlen :]),
+            source=source,
         )
 
     def save(self, url: str) -> None:
@@ -208,25 +212,63 @@ def build_seek_index(
     return idx
 
 
+def check_index_matches(index: SeekIndex, shard_url: str) -> None:
+    """Raise :class:`SeekIndexError` unless ``index`` was made for ``shard_url``: same file
+    name and same compressed size (a re-downloaded or re-written shard with other bytes
+    would make every offset wrong). The size is skipped where the store cannot tell it."""
+    what = f"seek index {index.source}" if index.source else "the seek index"
+    name = basename(shard_url)
+    if index.shard != name:
+        raise SeekIndexError(
+            f"{what} was made for shard {index.shard}, not for {redact(shard_url)}"
+        )
+    fs, path = url_to_fs(shard_url)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError:
+        raise
+    except Exception:  # a store that cannot tell (e.g. HTTP without a length)
+        size = None
+    if size is not None and int(size) != index.compressed_size:
+        raise SeekIndexError(
+            f"{what} does not match {redact(shard_url)}: it was made for "
+            f"{index.compressed_size} compressed bytes of {index.shard}, the shard has {size}"
+        )
+
+
 class ShardRandomAccess:
     """Read single members / images of a shard through its :class:`SeekIndex`.
 
     >>> with SeekIndex.load("idx/sa_000020.sidx").open("s3://b/sa_000020.tar") as ra:
     ...     rec = ra.get(226381)
+
+    Raises :class:`SeekIndexError` when the index was made for another shard (name or
+    compressed size differ) or its checkpoints cannot be loaded.
     """
 
     def __init__(self, shard_url: str, index: SeekIndex, *, block_size: int = 1 << 20):
         self.url = shard_url
         self.index = index
+        check_index_matches(index, shard_url)
         remote = "://" in shard_url and not shard_url.startswith("file://")
+        self._gz: Any = None
         self._raw = open_url(shard_url, **({"block_size": block_size} if remote else {}))
-        self._gz = None
-        if index.compression == "gzip":
-            igz = _require_indexed_gzip()
-            self._gz = igz.IndexedGzipFile(
-                fileobj=self._raw, readbuf_size=block_size, buffer_size=block_size
-            )
-            self._gz.raw.import_index(fileobj=io.BytesIO(index.checkpoints))
+        try:
+            if index.compression == "gzip":
+                igz = _require_indexed_gzip()
+                self._gz = igz.IndexedGzipFile(
+                    fileobj=self._raw, readbuf_size=block_size, buffer_size=block_size
+                )
+                try:
+                    self._gz.raw.import_index(fileobj=io.BytesIO(index.checkpoints))
+                except Exception as e:  # indexed_gzip raises its own ZranError etc.
+                    raise SeekIndexError(
+                        f"seek index of {index.shard}: its inflate checkpoints do not load "
+                        f"for {redact(shard_url)}: {e}"
+                    ) from e
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> ShardRandomAccess:
         return self
@@ -235,9 +277,12 @@ class ShardRandomAccess:
         self.close()
 
     def close(self) -> None:
-        if self._gz is not None:
-            self._gz.close()
-        self._raw.close()
+        try:
+            if self._gz is not None:
+                self._gz.close()
+        finally:
+            self._gz = None
+            self._raw.close()
 
     def read_member(self, name: str) -> bytes:
         offset, size = self.index.locate(name)

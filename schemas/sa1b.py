@@ -61,11 +61,22 @@ def iter_schema_errors(record: Any) -> Iterator[str]:
         yield f"{_where(err)}: {err.message}"
 
 
-def semantic_errors(record: dict[str, Any]) -> list[str]:
-    """Consistency checks beyond the schema; assumes the record passed the schema."""
+def semantic_errors(record: dict[str, Any], *, sa1b_file_name: bool = True) -> list[str]:
+    """Consistency checks beyond the schema; assumes the record passed the schema.
+
+    ``sa1b_file_name``: the image's ``file_name`` must be ``sa_<image_id>.jpg``, as in
+    every SA-1B record (turn off for records of other images, which the schema allows to
+    have any plain file name)."""
     out: list[str] = []
     img = record["image"]
     h, w = img["height"], img["width"]
+    if sa1b_file_name:
+        want = f"sa_{img['image_id']}.jpg"
+        if img["file_name"] != want:
+            out.append(
+                f"image.file_name: {img['file_name']!r} does not match image_id "
+                f"{img['image_id']} (expected {want!r})"
+            )
     seen: set[int] = set()
     for i, ann in enumerate(record["annotations"]):
         size = ann["segmentation"]["size"]
@@ -80,10 +91,10 @@ def semantic_errors(record: dict[str, Any]) -> list[str]:
     return out
 
 
-def validate_sa1b_image(record: Any, *, semantic: bool = True) -> None:
+def validate_sa1b_image(record: Any, *, semantic: bool = True, sa1b_file_name: bool = True) -> None:
     """Raise :class:`SA1BSchemaError` listing every problem of ``record``."""
     errors = list(iter_schema_errors(record))
     if not errors and semantic:
-        errors = semantic_errors(record)
+        errors = semantic_errors(record, sa1b_file_name=sa1b_file_name)
     if errors:
         raise SA1BSchemaError(errors)

@@ -240,3 +240,42 @@ def test_help_reads_well(capsys):
     out = capsys.readouterr().out
     for cmd in ("info", "index", "extract", "coco", "show", "validate", "download"):
         assert cmd in out
+
+
+@pytest.fixture
+def damaged(shards, tmp_path):
+    bad = tmp_path / "dmg" / "sa_000005.tar"
+    bad.parent.mkdir()
+    bad.write_bytes(shards[0].read_bytes()[:-3000])  # cut inside the last images
+    return bad
+
+
+def _errors(caplog) -> list[str]:
+    import logging
+
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_extract_of_a_damaged_shard_fails_with_one_clear_message(damaged, tmp_path, capsys, caplog):
+    out = tmp_path / "ex"
+    assert main(["extract", str(damaged), "--out", str(out)]) == 1
+    errors = _errors(caplog)
+    assert len(errors) == 1
+    assert "sa_000005.tar" in errors[0] and "damaged" in errors[0]
+    assert "TruncatedShardError" in errors[0]
+    assert "PARTIAL" in capsys.readouterr().out
+
+
+def test_coco_of_a_damaged_shard_is_not_committed_unless_allowed(shards, damaged, tmp_path, caplog):
+    out = tmp_path / "coco.json"
+    assert main(["coco", str(shards[1]), str(damaged), "--out", str(out)]) == 1
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "coco" in p.name]  # no temp file left
+    errors = _errors(caplog)
+    assert any("sa_000005.tar" in e and "TruncatedShardError" in e for e in errors)
+    assert any("not writing" in e and "--allow-partial" in e for e in errors)
+    assert main(["coco", str(shards[1]), str(damaged), "--out", str(out), "--allow-partial"]) == 1
+    doc = json.loads(out.read_text())
+    ids = {im["id"] for im in doc["images"]}
+    assert {11, 12, 13, 14} <= ids and len(ids) < 8  # shards[1] whole, the damaged one partly
+    assert main(["coco", str(shards[1]), "--out", str(out)]) == 0

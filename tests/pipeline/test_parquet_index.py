@@ -137,3 +137,47 @@ def test_index_part_to_object_store(tmp_path):
     assert fs.exists("/idx/images/sa_000999.parquet")
     with fs.open("/idx/annotations/sa_000999.parquet") as f:
         assert pq.read_table(f).num_rows == 1
+
+
+def test_atomic_write_to_memory_publishes_nothing_until_success():
+    import fsspec
+
+    from pipeline.io import atomic_write, write_bytes
+
+    fs = fsspec.filesystem("memory")
+    url = "memory://atomic-write-test/part.parquet"
+    write_bytes(url, b"complete old version")
+    with pytest.raises(RuntimeError), atomic_write(url) as f:
+        f.write(b"half of the new")
+        assert fs.cat("/atomic-write-test/part.parquet") == b"complete old version"
+        raise RuntimeError("writer died")
+    assert fs.cat("/atomic-write-test/part.parquet") == b"complete old version"
+    with pytest.raises(RuntimeError), atomic_write(url + ".new") as f:
+        f.write(b"partial")
+        raise RuntimeError("writer died")
+    assert not fs.exists("/atomic-write-test/part.parquet.new")
+    with atomic_write(url) as f:
+        f.write(b"new")
+    assert fs.cat("/atomic-write-test/part.parquet") == b"new"
+    fs.rm("/atomic-write-test", recursive=True)
+
+
+def test_atomic_write_to_s3_commits_only_on_success(s3_bucket):
+    from pipeline.io import atomic_write
+
+    bucket, fs = s3_bucket
+    url = f"s3://{bucket}/idx/part.parquet"
+    with pytest.raises(RuntimeError), atomic_write(url) as f:
+        f.write(b"x" * 1000)
+        f.flush(force=True)  # a part is uploaded already
+        raise RuntimeError("writer died")
+    fs.invalidate_cache()
+    assert not fs.exists(url)
+    with atomic_write(url) as f:
+        f.write(b"complete")
+    fs.invalidate_cache()
+    assert fs.cat(url) == b"complete"
+    with atomic_write(f"s3://{bucket}/idx/empty") as f:
+        pass
+    fs.invalidate_cache()
+    assert fs.cat(f"s3://{bucket}/idx/empty") == b""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import random
 import tarfile
@@ -229,3 +230,206 @@ def test_dataset_splits_shards_across_workers(tmp_path):
     assert sorted(loader) == [1, 2, 11, 12, 21, 22]
     sample = next(iter(SA1BDataset(urls[:1])))
     assert sample["image"].shape == (48, 64, 3) and sample["annotations"]
+
+
+# ---------------------------------------------------------------- regressions: hangs, damage
+
+
+def _in_thread(fn, timeout: float = 20.0):
+    """Run ``fn()`` in a daemon thread; a hang fails the test instead of the suite."""
+    import threading
+
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # re-raised in the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"hung for {timeout}s"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _tar_bytes(members, *, end: bool = True) -> bytes:
+    """A plain tar of ``members``, with or without its end-of-archive marker."""
+    out = bytearray()
+    for name, data in members:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        out += ti.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512)
+    return bytes(out) + (bytes(1024) if end else b"")
+
+
+def _read_bytes(tmp_path, raw: bytes, **kw):
+    path = tmp_path / "sa_000100.tar"
+    path.write_bytes(raw)
+    return _in_thread(lambda: _read(path, **kw))
+
+
+def test_zero_padding_after_gzip_of_a_tar_without_end_marker_is_truncated(tmp_path):
+    members, records = members_of(3)
+    raw = gzip.compress(_tar_bytes(members, end=False)) + bytes(100)
+    got, rep = _read_bytes(tmp_path, raw)
+    assert sorted(got) == sorted(records)  # everything before the missing marker
+    assert not rep.complete and "TruncatedShardError" in rep.error and "end marker" in rep.error
+
+
+def test_zero_padding_after_a_complete_gzip_stream_is_fine(tmp_path):
+    members, records = members_of(3)
+    got, rep = _read_bytes(tmp_path, gzip.compress(_tar_bytes(members)) + bytes(5000))
+    assert rep.ok and sorted(got) == sorted(records)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_multi_member_gzip_is_one_stream(tmp_path, monkeypatch, chunk):
+    import pipeline.sa1b_reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "_CHUNK", chunk)  # member magic straddles reads
+    members, records = members_of(3)
+    tar = _tar_bytes(members)
+    cut = len(tar) // 2 + 37  # not on a tar block boundary
+    raw = gzip.compress(tar[:cut]) + gzip.compress(tar[cut:]) + bytes(7)
+    got, rep = _read_bytes(tmp_path, raw)
+    assert rep.ok and {i: (r.jpeg_bytes, r.data) for i, r in got.items()} == records
+
+
+def test_garbage_after_the_gzip_stream_is_corrupt(tmp_path):
+    members, _ = members_of(2)
+    raw = gzip.compress(_tar_bytes(members, end=False)) + bytes(10) + b"junk"
+    _, rep = _read_bytes(tmp_path, raw)
+    assert not rep.complete and "trailing garbage" in rep.error
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"0 path=x\n", b"-5 path=x\n", b"x path=y\n", b"99 path=x\n", b"3 path=x\n", b"12 pathx\n\n"],
+)
+def test_malformed_pax_records_raise_corrupt_not_hang(data):
+    from pipeline.sa1b_reader import _parse_pax
+
+    with pytest.raises(CorruptShardError, match="pax"):
+        _in_thread(lambda: _parse_pax(data))
+
+
+def test_well_formed_pax_records_parse():
+    from pipeline.sa1b_reader import _parse_pax
+
+    assert _parse_pax(b"13 path=abcd\n11 size=10\n" + bytes(20)) == {
+        "path": "abcd",
+        "size": "10",
+    }
+
+
+@pytest.mark.parametrize("fill", [b"0", b"x"])  # length 0 looped forever; "x.." escaped
+def test_bad_pax_length_in_a_shard_is_reported_not_a_crash(tmp_path, fill):
+    members, _ = members_of(2)
+    long_name = "./" + "d" * 120 + "/../sa_9.json"  # forces a pax header
+    entries = []
+    for name, data in [members[0], members[1], (long_name, b"{}"), *members[2:]]:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        entries.append((ti, data))
+    path = tmp_path / "sa_000101.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in entries:
+            tf.addfile(ti, io.BytesIO(data))
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b" path=")
+    start = at
+    while raw[start - 1 : start].isdigit():
+        start -= 1
+    raw[start:at] = fill * (at - start)  # the record's length digits
+    path.write_bytes(bytes(raw))
+    got, rep = _in_thread(lambda: _read(path))
+    assert sorted(got) == [1]  # what came before the bad header
+    assert not rep.complete and "CorruptShardError" in rep.error and "pax" in rep.error
+
+
+def test_oversized_member_is_refused_not_read(tmp_path):
+    members, records = members_of(3)
+    members[2] = ("./sa_2.jpg", b"\xff" * 50_000)  # a JPEG bigger than the cap
+    path = write_members(tmp_path / "sa_000102.tar", members)
+    got, rep = _read(path, max_member_bytes=20_000)
+    assert sorted(got) == [1, 3] and rep.complete and not rep.ok
+    reasons = dict(rep.skipped)
+    assert "limit" in reasons["./sa_2.jpg"] and rep.unpaired == ["sa_2.json"]
+
+
+def test_duplicate_member_name_is_reported_and_first_copy_kept(tmp_path):
+    members, records = members_of(2)
+    jpg1 = members[0]
+    members.insert(1, ("./sa_1.jpg", b"second copy"))  # before its json arrives
+    members.append(("./sa_2.json", b"{}"))  # after sa_2 was paired
+    got, rep = _read(write_members(tmp_path / "sa_000103.tar", members))
+    assert sorted(got) == [1, 2] and got[1].jpeg_bytes == jpg1[1]
+    assert got[2].data == records[2][1]
+    dup = [name for name, why in rep.skipped if "duplicate" in why]
+    assert dup == ["./sa_1.jpg", "./sa_2.json"] and not rep.unpaired and not rep.ok
+
+
+def test_pending_refuses_a_duplicate_key():
+    from pipeline.sa1b_reader import Member, _Pending
+
+    p = _Pending(1 << 20, None)
+    p.put((1, "jpg"), Member("sa_1.jpg", 0, 3, b"abc"))
+    with pytest.raises(ValueError):
+        p.put((1, "jpg"), Member("sa_1.jpg", 512, 5, b"abcde"))
+    assert p.mem_bytes == 3 and p.pop((1, "jpg")).data == b"abc" and p.mem_bytes == 0
+
+
+class _TrackedFile(io.BytesIO):
+    opened: list = []
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        _TrackedFile.opened.append(self)
+
+
+def test_not_a_shard_closes_the_file_it_opened(tmp_path, monkeypatch):
+    import pipeline.sa1b_reader as reader_mod
+
+    path = tmp_path / "sa_000104.tar"
+    path.write_bytes(b"<html>expired</html>" * 40)
+    _TrackedFile.opened = []
+    monkeypatch.setattr(reader_mod, "open_url", lambda url: _TrackedFile(path.read_bytes()))
+    reader = ShardReader(str(path))
+    with pytest.raises(ShardFormatError):
+        list(reader)
+    assert len(_TrackedFile.opened) == 1 and _TrackedFile.opened[0].closed
+    assert "ShardFormatError" in reader.report.error
+
+
+def test_writer_commits_nothing_when_closing_fails(tmp_path):
+    from pipeline.sa1b_writer import ShardWriter
+
+    def boom():
+        raise OSError("disk full")
+
+    for which in ("_tar", "_gz"):
+        target = tmp_path / which / "sa_000014.tar"
+        with pytest.raises(OSError, match="disk full"), ShardWriter(str(target)) as w:
+            w.add(1, b"jpeg", {"image": {"image_id": 1}, "annotations": []})
+            getattr(w, which).close = boom
+        assert not target.exists()
+        assert not target.parent.exists() or list(target.parent.iterdir()) == []
+
+
+def test_writer_commits_nothing_to_memory_when_closing_fails():
+    import fsspec
+
+    from pipeline.sa1b_writer import ShardWriter
+
+    def boom():
+        raise OSError("connection reset")
+
+    url = "memory://writer-close-fails/sa_000015.tar"
+    with pytest.raises(OSError, match="reset"), ShardWriter(url) as w:
+        w.add(1, b"jpeg", {"image": {"image_id": 1}, "annotations": []})
+        w._gz.close = boom
+    assert not fsspec.filesystem("memory").exists("/writer-close-fails/sa_000015.tar")

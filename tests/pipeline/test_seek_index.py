@@ -95,3 +95,46 @@ def test_streaming_and_random_access_over_s3(big_shard, s3_bucket):
     idx.save(f"s3://{bucket}/seek/sa_000020.sidx")
     with SeekIndex.load(f"s3://{bucket}/seek/sa_000020.sidx").open(url) as ra:
         assert ra.get(5).data == records[5][1]
+
+
+def test_index_of_another_shard_is_refused_naming_both(big_shard, tmp_path):
+    path, _ = big_shard
+    idx = build_seek_index(str(path), spacing=64 << 10)
+    idx.save(str(tmp_path / "sa_000020.sidx"))
+    loaded = SeekIndex.load(str(tmp_path / "sa_000020.sidx"))
+    other = tmp_path / "sa_000021.tar"
+    other.write_bytes(path.read_bytes())
+    with pytest.raises(SeekIndexError, match="sa_000020.sidx") as e:
+        loaded.open(str(other))
+    assert "sa_000021.tar" in str(e.value) and "sa_000020.tar" in str(e.value)
+
+
+def test_index_of_a_rewritten_shard_is_refused(big_shard, tmp_path):
+    path, _ = big_shard
+    idx = build_seek_index(str(path), spacing=64 << 10)
+    members, _ = members_of(5, seed=9)
+    same_name = tmp_path / "again" / path.name
+    write_members(same_name, members)  # other bytes under the same name
+    with pytest.raises(SeekIndexError, match="compressed bytes") as e:
+        idx.open(str(same_name))
+    assert str(same_name) in str(e.value) and path.name in str(e.value)
+
+
+def test_failed_checkpoint_import_closes_the_shard(big_shard, monkeypatch):
+    import pipeline.seek_index as seek_mod
+
+    path, _ = big_shard
+    idx = build_seek_index(str(path), spacing=64 << 10)
+    idx.checkpoints = b"GZIDX" + bytes(40)  # unloadable checkpoints
+    opened = []
+    real_open = seek_mod.open_url
+
+    def tracking_open(url, *a, **kw):
+        f = real_open(url, *a, **kw)
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr(seek_mod, "open_url", tracking_open)
+    with pytest.raises(SeekIndexError, match="checkpoints"):
+        idx.open(str(path))
+    assert len(opened) == 1 and opened[0].closed

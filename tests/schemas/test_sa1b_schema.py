@@ -129,3 +129,18 @@ def test_writer_orders_keys_and_converts_numpy():
     }
     want = {"image": rec["image"], "annotations": [a]}
     assert write_image_json(scrambled) == _sa1b_bytes(want)
+
+
+def test_semantic_check_file_name_matches_image_id():
+    from schemas import semantic_errors
+
+    for rec in real_records():  # every real record names its file sa_<image_id>.jpg
+        assert semantic_errors(rec) == []
+    rec = _first_real()
+    rec["image"]["file_name"] = "sa_1.jpg"
+    with pytest.raises(SA1BSchemaError) as e:
+        validate_sa1b_image(rec)
+    assert "file_name" in e.value.messages[0] and "226381" in e.value.messages[0]
+    rec["image"]["file_name"] = "photo.png"  # the schema allows other images' names
+    assert any("file_name" in m for m in semantic_errors(rec))
+    validate_sa1b_image(rec, sa1b_file_name=False)
