@@ -256,16 +256,6 @@ def _background(it: Iterable[Any], maxsize: int) -> Iterator[Any]:
 # ----------------------------------------------------------------------------- writing
 
 
-class _OffsetShardWriter(ShardWriter):
-    """ShardWriter that also reports where each member's data lies in the uncompressed
-    tar stream (for the images index)."""
-
-    def add_member(self, name: str, data: bytes) -> None:
-        super().add_member(name, data)
-        end = self._tar.offset  # type: ignore[union-attr]
-        self.last_offset = end - ((len(data) + 511) // 512) * 512
-
-
 class _ShardOutput:
     """Writes one shard's SA-1B JSON (+ images), index parts and status rows."""
 
@@ -278,7 +268,7 @@ class _ShardOutput:
         self.images_ok = 0
         self.annotations = 0
         self.failures: list[dict[str, Any]] = []
-        self._tar: _OffsetShardWriter | None = None
+        self._tar: ShardWriter | None = None
 
     # -- lifecycle
     def remove_stale_temps(self) -> None:
@@ -309,7 +299,7 @@ class _ShardOutput:
         self.remove_stale_temps()
         if self.cfg.layout == "tar":
             url = join(self.cfg.output, f"{self.task.name}.tar")
-            self._tar = _OffsetShardWriter(url)
+            self._tar = ShardWriter(url)
             self._tar.__enter__()
             self.files.append(f"{self.task.name}.tar")
 
@@ -394,10 +384,8 @@ class _ShardOutput:
         jpg_loc = json_loc = None
         if self._tar is not None:
             if self.cfg.copy_images:
-                self._tar.add_member(f"./sa_{it.image_id}.jpg", it.jpeg or b"")
-                jpg_loc = (self._tar.last_offset, len(it.jpeg or b""))
-            self._tar.add_member(f"./sa_{it.image_id}.json", js)
-            json_loc = (self._tar.last_offset, len(js))
+                jpg_loc = self._tar.add_member(f"./sa_{it.image_id}.jpg", it.jpeg or b"")
+            json_loc = self._tar.add_member(f"./sa_{it.image_id}.json", js)
         else:
             folder = join(self.cfg.output, self.task.name)
             if self.cfg.copy_images:

@@ -301,10 +301,16 @@ def build_model(cfg: dict, backend: str = "ours"):
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _fp32():
+    """Positional encodings need fp32: in bf16 the Fourier phases are off by ~0.1 rad."""
+    return torch.autocast("cpu", enabled=False)
+
+
 def decode_all(model, emb, sparse, dense):
     """All four mask outputs and IoU predictions: ``(K, 4, h, w)``, ``(K, 4)``."""
     dec = model.mask_decoder
-    pe = model.prompt_encoder.get_dense_pe()
+    with _fp32():
+        pe = model.prompt_encoder.get_dense_pe()
     if hasattr(dec, "predict_masks"):
         return dec.predict_masks(emb, pe, sparse, dense)
     m3, i3 = dec(emb, pe, sparse, dense, multimask_output=True)
@@ -329,11 +335,15 @@ def compute_loss(
                 continue
             tgt = target[sel][:, None]
             if box_mode:
-                sparse, dense = model.prompt_encoder(points=None, boxes=s["boxes"][sel], masks=None)
+                with _fp32():
+                    sparse, dense = model.prompt_encoder(
+                        points=None, boxes=s["boxes"][sel], masks=None
+                    )
             else:
                 pts = s["coords"][sel][:, None]
                 lbl = torch.ones(len(sel), 1, dtype=torch.int64)
-                sparse, dense = model.prompt_encoder(points=(pts, lbl), boxes=None, masks=None)
+                with _fp32():
+                    sparse, dense = model.prompt_encoder(points=(pts, lbl), boxes=None, masks=None)
             masks, iou_pred = decode_all(model, emb, sparse, dense)
             masks = masks.float()
             per = seg_loss(masks, tgt.expand_as(masks), loss)  # K x 4
@@ -368,10 +378,12 @@ def compute_loss(
                     new_lbl.append(lab)
                 pts2 = torch.cat([s["coords"][sel][idx, None], torch.stack(new_pts)[:, None]], 1)
                 lbl2 = torch.tensor([[1, lab] for lab in new_lbl], dtype=torch.int64)
-                sparse, dense = model.prompt_encoder(points=(pts2, lbl2), boxes=None, masks=prev)
-                m2, i2 = model.mask_decoder(
-                    emb, model.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False
-                )
+                with _fp32():
+                    sparse, dense = model.prompt_encoder(
+                        points=(pts2, lbl2), boxes=None, masks=prev.float()
+                    )
+                    pe = model.prompt_encoder.get_dense_pe()
+                m2, i2 = model.mask_decoder(emb, pe, sparse, dense, multimask_output=False)
                 m2 = m2.float()
                 t2 = tgt[idx]
                 seg_terms.append(seg_loss(m2, t2, loss)[:, 0])
