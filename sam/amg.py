@@ -348,7 +348,7 @@ class SamAutomaticMaskGenerator:
             )
             masks = logits > thr
             outs.append(
-                (ops.stability_score(logits, thr, off), masks.flatten(1).sum(1), ops.masks_to_boxes(masks))
+                (ops.stability_score(logits, thr, off), ops.count_true(masks), ops.masks_to_boxes(masks))
             )
         return tuple(torch.cat(t) for t in zip(*outs))
 

@@ -75,9 +75,18 @@ def upsample_logits(
 # ----------------------------------------------------------------------------- scores, boxes
 def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
     """IoU between the masks thresholded at threshold+offset and threshold-offset."""
-    inter = (logits > threshold + offset).sum(dim=(-1, -2), dtype=torch.int64)
-    union = (logits > threshold - offset).sum(dim=(-1, -2), dtype=torch.int64)
+    inter = count_true(logits > threshold + offset)
+    union = count_true(logits > threshold - offset)
     return inter.float() / union.float()
+
+
+def count_true(masks: torch.Tensor) -> torch.Tensor:
+    """Number of true pixels of each (..., H, W) bool mask (int64). Summing the bytes
+    with an int32 accumulator is several times faster than a boolean sum on the CPU."""
+    flat = masks.reshape(*masks.shape[:-2], -1)
+    if flat.shape[-1] < 2**31:
+        return flat.view(torch.uint8).sum(dim=-1, dtype=torch.int32).long()
+    return flat.sum(dim=-1, dtype=torch.int64)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -85,8 +94,9 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     n, h, w = masks.shape
     if n == 0:
         return torch.zeros(0, 4, dtype=torch.int64, device=masks.device)
-    rows = masks.any(dim=2)
-    cols = masks.any(dim=1)
+    m8 = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).view(torch.uint8)
+    rows = m8.amax(dim=2).bool()  # byte max is much faster than a boolean any on the CPU
+    cols = m8.amax(dim=1).bool()
     ar_h = torch.arange(h, device=masks.device)
     ar_w = torch.arange(w, device=masks.device)
     bottom = torch.where(rows, ar_h, -1).amax(dim=1)

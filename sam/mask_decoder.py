@@ -191,11 +191,11 @@ class MaskDecoder(nn.Module):
         """Low-resolution mask logits (B, 3 or 1, 4h, 4w) and predicted IoUs (B, 3 or 1).
 
         `image_embeddings` has batch 1 (one image for every prompt) or batch B."""
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, sl
+        )
+        return masks, iou_pred[:, sl]
 
     def predict_masks(
         self,
@@ -203,7 +203,10 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        mask_slice: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All mask logits (or only those of `mask_slice`: the others are not computed)
+        and the IoU predictions of every mask token."""
         b = sparse_prompt_embeddings.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         out_tokens = out_tokens.to(sparse_prompt_embeddings.dtype)
@@ -225,9 +228,9 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
 
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        wanted = range(self.num_mask_tokens)[mask_slice or slice(None)]
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
+            [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in wanted], dim=1
         )
         _, c2, h2, w2 = upscaled.shape
         masks = (hyper_in @ upscaled.view(b, c2, h2 * w2)).view(b, -1, h2, w2)
