@@ -14,7 +14,7 @@ from sam.scenes import make_scene
 
 mask_utils = pytest.importorskip("pycocotools.mask")
 
-FAST = ["--points-per-side", "8"]
+FAST = ["--points-per-side", "12", "--pred-iou-thresh", "0.3", "--stability-score-thresh", "0.6"]
 
 
 @pytest.fixture()

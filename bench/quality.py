@@ -1,0 +1,318 @@
+"""Segmentation quality of a SAM model on held-out synthetic scenes.
+
+    python -m bench.quality                      # the bundled tiny model, 24 scenes
+    python -m bench.quality --checkpoint x.pth --model tiny --scenes 50 --amg
+
+Scenes come from ``sam.scenes.make_scene`` with seeds below ``sam.train.TRAIN_SEED_BASE``
+(never used in training), up to 12 objects, sides drawn in [512, 1024] px.  Printed:
+
+* point mIoU: for every object and part, one positive point at its most interior pixel
+  (maximum of the distance transform); IoU of the best of the three multimask outputs
+  against the ground truth at full resolution;
+* box mIoU: the same with the tight box of the instance as the prompt (best of three,
+  and the single-output mask);
+* the predicted-IoU error of the chosen masks, and background regions separately;
+* grid: distinct confident masks over a 16x16 point grid on the first scene;
+* AMG recall (``--amg``): recall of ground-truth objects at IoU 0.5 and 0.75 by
+  ``sam.SamAutomaticMaskGenerator`` (see :func:`amg_recall`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from sam.scenes import make_scene
+from sam.train import TRAIN_SEED_BASE
+
+EVAL_SEED_BASE = 1_000  # held-out scene seeds: EVAL_SEED_BASE + i (< TRAIN_SEED_BASE)
+
+
+def eval_scene(seed: int, min_side: int = 512, max_side: int = 1024, max_objects: int = 12):
+    """The held-out scene for ``seed``: sides drawn from the seed in [min_side, max_side]."""
+    if seed >= TRAIN_SEED_BASE:
+        raise ValueError(f"seed {seed} is in the training range (>= {TRAIN_SEED_BASE})")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xE7A1]))
+    h, w = (int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+    return make_scene(seed, h, w, max_objects=max_objects)
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """``(x, y)`` of the pixel farthest from the mask's boundary (first one on ties)."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x), float(y)
+
+
+def tight_box(mask: np.ndarray) -> np.ndarray:
+    """``[x0, y0, x1, y1]`` in pixel edges (x1, y1 exclusive), the training convention."""
+    ys = np.flatnonzero(mask.any(1))
+    xs = np.flatnonzero(mask.any(0))
+    return np.array([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], dtype=np.float64)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks ``a`` (..., H, W) with ``b`` (H, W)."""
+    inter = (a & b).flatten(-2).sum(-1).float()
+    union = (a | b).flatten(-2).sum(-1).float()
+    return inter / union.clamp(min=1)
+
+
+def stability_score(logits: torch.Tensor, threshold: float = 0.0, offset: float = 1.0):
+    hi = (logits > threshold + offset).flatten(-2).sum(-1).float()
+    lo = (logits > threshold - offset).flatten(-2).sum(-1).float()
+    return hi / lo.clamp(min=1)
+
+
+def prompt_ious(predictor, scene, indices, mode: str, batch: int = 16) -> dict:
+    """Per instance: best-of-3 IoU, single-output IoU and predicted IoU of the best."""
+    gt = torch.from_numpy(scene.masks)
+    best, single, pred_err = [], [], []
+    tf = predictor.transform
+    size = (scene.height, scene.width)
+    for s in range(0, len(indices), batch):
+        idx = indices[s : s + batch]
+        if mode == "point":
+            pts = np.array([interior_point(scene.masks[i]) for i in idx])
+            coords = torch.as_tensor(tf.apply_coords(pts, size), dtype=torch.float)[:, None]
+            labels = torch.ones(len(idx), 1, dtype=torch.int)
+            kw = {"point_coords": coords, "point_labels": labels}
+        else:
+            boxes = np.stack([tight_box(scene.masks[i]) for i in idx])
+            kw = {
+                "point_coords": None,
+                "point_labels": None,
+                "boxes": torch.as_tensor(tf.apply_boxes(boxes, size), dtype=torch.float),
+            }
+        m3, i3, _ = predictor.predict_torch(**kw, multimask_output=True)
+        ious3 = torch.stack([iou(m3[j], gt[i]) for j, i in enumerate(idx)])  # B x 3
+        b = ious3.argmax(1)
+        best += ious3.max(1).values.tolist()
+        pred_err += (i3.gather(1, b[:, None])[:, 0] - ious3.max(1).values).abs().tolist()
+        m1, _, _ = predictor.predict_torch(**kw, multimask_output=False)
+        single += [float(iou(m1[j, 0], gt[i])) for j, i in enumerate(idx)]
+    return {"best": best, "single": single, "pred_err": pred_err}
+
+
+def grid_distinct_masks(predictor, n: int = 16, iou_thresh=0.88, stab_thresh=0.95, dedup=0.7):
+    """Distinct confident masks from an ``n x n`` point grid on the image set in
+    ``predictor``: every one of the 3 masks per point with predicted IoU >= ``iou_thresh``
+    and stability >= ``stab_thresh`` (SAM's defaults), then greedy de-duplication at mask
+    IoU > ``dedup`` in descending predicted IoU.  Returns the kept masks (K, H, W)."""
+    h, w = predictor.original_size
+    g = (np.arange(n) + 0.5) / n
+    pts = np.stack(np.meshgrid(g * w, g * h), -1).reshape(-1, 2)
+    coords = torch.as_tensor(predictor.transform.apply_coords(pts, (h, w)), dtype=torch.float)
+    masks, scores = [], []
+    for s in range(0, len(coords), 64):
+        c = coords[s : s + 64, None]
+        lbl = torch.ones(len(c), 1, dtype=torch.int)
+        logits, ious, _ = predictor.predict_torch(c, lbl, multimask_output=True, return_logits=True)
+        logits, ious = logits.flatten(0, 1), ious.flatten()
+        keep = (ious >= iou_thresh) & (stability_score(logits) >= stab_thresh)
+        masks.append(logits[keep] > 0)
+        scores.append(ious[keep])
+    masks, scores = torch.cat(masks), torch.cat(scores)
+    kept: list[torch.Tensor] = []
+    for i in torch.argsort(scores, descending=True).tolist():
+        m = masks[i]
+        if m.sum() == 0:
+            continue
+        if all(float(iou(m, k)) <= dedup for k in kept):
+            kept.append(m)
+    return torch.stack(kept) if kept else masks[:0]
+
+
+# --------------------------------------------------------------------------- AMG hook
+
+
+def amg_recall(model, scenes, thresholds=(0.5, 0.75), **amg_kwargs) -> dict | None:
+    """AMG HOOK: recall of ground-truth objects and parts by the automatic generator.
+
+    Uses ``sam.SamAutomaticMaskGenerator`` (reference-compatible ``generate(image)`` that
+    returns records with a boolean ``segmentation``).  A ground-truth instance counts as
+    recalled at threshold t if some generated mask has IoU >= t with it.  Returns None if
+    the generator is not importable.
+    """
+    try:
+        from sam import SamAutomaticMaskGenerator
+    except ImportError:
+        return None
+    gen = SamAutomaticMaskGenerator(model, **amg_kwargs)
+    best_all, n_masks, seconds = [], [], 0.0
+    for scene in scenes:
+        t = time.perf_counter()
+        records = gen.generate(scene.image)
+        seconds += time.perf_counter() - t
+        n_masks.append(len(records))
+        if not records:
+            best_all += [0.0] * len(scene.indices("object", "part"))
+            continue
+        pred = torch.from_numpy(np.stack([np.asarray(r["segmentation"], bool) for r in records]))
+        for i in scene.indices("object", "part"):
+            best_all.append(float(iou(pred, torch.from_numpy(scene.masks[i])).max()))
+    best = np.array(best_all)
+    out = {f"recall@{t}": float((best >= t).mean()) for t in thresholds}
+    out["masks_per_image"] = float(np.mean(n_masks))
+    out["seconds_per_image"] = seconds / max(1, len(scenes))
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def load_model(name: str, checkpoint: str | None):
+    from sam import build_sam, sam_model_registry
+
+    if checkpoint is None:
+        return sam_model_registry[name]()
+    return build_sam(name, checkpoint)
+
+
+def evaluate(
+    model,
+    n_scenes=24,
+    seed_base=EVAL_SEED_BASE,
+    min_side=512,
+    max_side=1024,
+    max_objects=12,
+    amg=False,
+    grid=16,
+    amg_scenes=8,
+) -> dict:
+    from sam import SamPredictor
+
+    predictor = SamPredictor(model)
+    acc = {k: {"best": [], "single": [], "pred_err": []} for k in ("point", "box", "bg_point")}
+    scenes = []
+    t0 = time.perf_counter()
+    grid_count = grid_relaxed = None
+    for k in range(n_scenes):
+        scene = eval_scene(seed_base + k, min_side, max_side, max_objects)
+        scenes.append(scene)
+        predictor.set_image(scene.image)
+        fg = scene.indices("object", "part")
+        bg = scene.indices("background")
+        for key, idx, mode in (
+            ("point", fg, "point"),
+            ("box", fg, "box"),
+            ("bg_point", bg, "point"),
+        ):
+            r = prompt_ious(predictor, scene, idx, mode)
+            for f in r:
+                acc[key][f] += r[f]
+        if k == 0 and grid:
+            grid_count = len(grid_distinct_masks(predictor, grid))
+            grid_relaxed = len(grid_distinct_masks(predictor, grid, 0.5, 0.8))
+    res = {
+        "scenes": n_scenes,
+        "seeds": [seed_base, seed_base + n_scenes - 1],
+        "sides": [min_side, max_side],
+        "max_objects": max_objects,
+        "instances": len(acc["point"]["best"]),
+        "point_miou": float(np.mean(acc["point"]["best"])),
+        "point_miou_single": float(np.mean(acc["point"]["single"])),
+        "box_miou": float(np.mean(acc["box"]["best"])),
+        "box_miou_single": float(np.mean(acc["box"]["single"])),
+        "point_pred_iou_mae": float(np.mean(acc["point"]["pred_err"])),
+        "background_point_miou": float(np.mean(acc["bg_point"]["best"])),
+        "grid16_distinct_masks_scene0": grid_count,
+        "grid16_distinct_masks_scene0_relaxed": grid_relaxed,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if amg:
+        res["amg"] = amg_recall(model, scenes[:amg_scenes])
+        if res["amg"] is not None:
+            res["amg"]["scenes"] = len(scenes[:amg_scenes])
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m bench.quality", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--model", default="tiny", help="registry name (default: tiny)")
+    p.add_argument("--checkpoint", default=None, help="default: the bundled weights")
+    p.add_argument("--scenes", type=int, default=24)
+    p.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE)
+    p.add_argument("--min-side", type=int, default=512)
+    p.add_argument("--max-side", type=int, default=1024)
+    p.add_argument("--max-objects", type=int, default=12)
+    p.add_argument("--grid", type=int, default=16, help="grid count on scene 0 (0: skip)")
+    p.add_argument("--amg", action="store_true", help="also AMG recall@0.5/0.75")
+    p.add_argument("--amg-scenes", type=int, default=8, help="scenes for the AMG recall")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--record",
+        default=None,
+        help="a checkpoint's metadata JSON to store the results in (key 'eval')",
+    )
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = load_model(a.model, a.checkpoint)
+    res = evaluate(
+        model,
+        a.scenes,
+        a.seed_base,
+        a.min_side,
+        a.max_side,
+        a.max_objects,
+        a.amg,
+        a.grid,
+        a.amg_scenes,
+    )
+    print(
+        f"held-out scenes: {res['scenes']} (seeds {res['seeds'][0]}..{res['seeds'][1]}), "
+        f"{res['instances']} objects+parts, sides {a.min_side}-{a.max_side}"
+    )
+    print(
+        f"point mIoU (best of 3): {res['point_miou']:.4f}   single output: {res['point_miou_single']:.4f}"
+    )
+    print(
+        f"box   mIoU (best of 3): {res['box_miou']:.4f}   single output: {res['box_miou_single']:.4f}"
+    )
+    print(f"predicted-IoU abs error (point, chosen mask): {res['point_pred_iou_mae']:.4f}")
+    print(f"background-region point mIoU: {res['background_point_miou']:.4f}")
+    if res["grid16_distinct_masks_scene0"] is not None:
+        print(
+            f"distinct confident masks, {a.grid}x{a.grid} grid, scene 0: "
+            f"{res['grid16_distinct_masks_scene0']} (pred IoU >= 0.88, stability >= 0.95), "
+            f"{res['grid16_distinct_masks_scene0_relaxed']} (>= 0.5, >= 0.8)"
+        )
+    if a.amg:
+        r = res["amg"]
+        if r is None:
+            print("AMG: sam.SamAutomaticMaskGenerator not importable")
+        else:
+            print(
+                f"AMG recall@0.5: {r['recall@0.5']:.4f}  recall@0.75: {r['recall@0.75']:.4f}  "
+                f"masks/image: {r['masks_per_image']:.1f}  s/image: {r['seconds_per_image']:.2f}"
+            )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.record:
+        with open(a.record) as f:
+            meta = json.load(f)
+        cmd = (
+            f"python -m bench.quality --model {a.model} --scenes {a.scenes} "
+            f"--seed-base {a.seed_base} --min-side {a.min_side} --max-side {a.max_side} "
+            f"--max-objects {a.max_objects} --grid {a.grid}"
+            + (f" --amg --amg-scenes {a.amg_scenes}" if a.amg else "")
+        )
+        meta["eval"] = {"command": cmd, **res}
+        with open(a.record, "w") as f:
+            json.dump(meta, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

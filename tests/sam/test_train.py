@@ -1,0 +1,141 @@
+"""The training command: data, losses, and a short run that reduces the loss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sam import train as T
+
+# A very small SAM (same family) so a few training steps take seconds.
+MICRO = {
+    "name": "micro",
+    "image_size": 128,
+    "patch_size": 16,
+    "encoder_embed_dim": 32,
+    "encoder_depth": 2,
+    "encoder_num_heads": 2,
+    "encoder_window_size": 4,
+    "encoder_global_attn_indexes": [1],
+    "prompt_embed_dim": 32,
+    "mask_in_chans": 4,
+    "decoder_depth": 1,
+    "decoder_mlp_dim": 64,
+    "decoder_num_heads": 2,
+    "iou_head_hidden_dim": 32,
+}
+SMALL_DATA = {"p_native": 1.0, "max_objects": 4, "p_jpeg": 0.0}
+
+
+def test_focal_dice_iou_hand_computed():
+    logits = torch.tensor([[[0.0, 2.0], [-2.0, 0.0]]])
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    p = torch.sigmoid(logits)
+    # focal: -alpha_t (1 - p_t)^2 log p_t per pixel, averaged
+    pt = torch.tensor([[0.5, float(p[0, 0, 1])], [1 - float(p[0, 1, 0]), 0.5]])
+    at = torch.tensor([[0.25, 0.25], [0.75, 0.75]])
+    want = (-at * (1 - pt) ** 2 * torch.log(pt)).mean()
+    assert torch.allclose(T.focal_loss(logits, target), want.reshape(1), atol=1e-6)
+    inter = float(p[0, 0, 0] + p[0, 0, 1])
+    dice = 1 - (2 * inter + 1) / (float(p.sum()) + 2 + 1)
+    assert math.isclose(float(T.dice_loss(logits, target)), dice, rel_tol=1e-6)
+    # IoU of logits > 0 (only (0, 1)) with the target (two pixels): 1 / 2
+    assert float(T.mask_iou(logits, target)) == pytest.approx(0.5)
+
+
+def test_scene_seeds_never_reach_held_out_range():
+    seeds = [T.scene_seed(s, step, i, 4) for s in (0, 3) for step in (0, 10**6) for i in range(4)]
+    assert min(seeds) >= T.TRAIN_SEED_BASE
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_sample_targets_and_prompts_match_the_scene():
+    data = {**T.DEFAULT_DATA, **SMALL_DATA}
+    s = T.make_sample(T.scene_seed(0, 0, 0, 1), 128, 6, data)
+    tgt = s["target"]
+    assert tgt.shape[1:] == (32, 32) and 0 <= float(tgt.min()) and float(tgt.max()) <= 1
+    scene = T.make_scene(
+        s["seed"],
+        *s["valid"],
+        **{k: data[k] for k in ("max_objects", "min_objects", "parts_prob")},
+        max_background_regions=data["max_background_regions"],
+        min_size=data["min_size"],
+        max_size=data["max_size"],
+    )
+    areas = set(scene.areas().tolist())
+    for j in range(len(tgt)):
+        # at native size the low-res target is an exact 4x4 average: area is preserved
+        area = round(float(tgt[j].sum()) * 16)
+        assert area in areas
+        if not s["is_box"][j]:
+            x, y = s["coords"][j].tolist()
+            assert tgt[j, int(y) // 4, int(x) // 4] > 0, "the point lies on its target"
+
+
+def _fixed_loss(model, seeds):
+    data = {**T.DEFAULT_DATA, **SMALL_DATA}
+    batch = [T.make_sample(s, 128, 8, data) for s in seeds]
+    with torch.no_grad():
+        loss, _ = T.compute_loss(model, batch, 0.0, np.random.default_rng(0))
+    return float(loss)
+
+
+@pytest.mark.slow
+def test_short_training_run_reduces_loss(tmp_path):
+    out = tmp_path / "micro.pth"
+    held_out = [T.TRAIN_SEED_BASE - 1 - i for i in range(4)]  # never trained on
+    torch.manual_seed(0)
+    initial = T.build_model(MICRO)
+    before = _fixed_loss(initial, held_out)
+    meta = T.train(
+        str(out),
+        steps=30,
+        seed=0,
+        config=MICRO,
+        batch=2,
+        prompts=8,
+        lr=2e-3,
+        warmup=5,
+        workers=0,
+        threads=1,
+        save_every=0,
+        data=SMALL_DATA,
+        progress=False,
+        log_every=10,
+    )
+    model = T.build_model(MICRO)
+    sd = torch.load(out, weights_only=True)
+    model.load_state_dict(sd, strict=True)
+    after = _fixed_loss(model, held_out)
+    assert after < 0.85 * before, (before, after)
+    # the same initial weights (seeded) are what the run started from
+    assert meta["steps"] == 30 and meta["seed"] == 0
+    assert meta["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["encoder_embed_dim"] == 32
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert set(sd) == set(initial.state_dict())
+
+
+def test_resume_continues_from_saved_state(tmp_path):
+    out = str(tmp_path / "m.pth")
+    kw = dict(
+        seed=1,
+        config=MICRO,
+        batch=1,
+        prompts=4,
+        warmup=1,
+        workers=0,
+        threads=1,
+        save_every=2,
+        data=SMALL_DATA,
+        progress=False,
+    )
+    T.train(out, steps=2, **kw)
+    meta = T.train(out, steps=3, resume=True, **kw)
+    assert meta["steps"] == 3
+    assert torch.load(out + ".state", weights_only=False)["step"] == 2
