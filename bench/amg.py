@@ -61,18 +61,19 @@ def _instrument_reference(gen, timings):
     wrap(pred, "predict_torch", "decoder+upsample")
 
 
-def run_model(name: str, images, preset: str, device: str) -> None:
+def run_model(name: str, images, preset: str, device: str, overrides: dict | None = None) -> None:
     import segment_anything
 
     from sam.amg import PRESETS, SamAutomaticMaskGenerator
 
     ours, ref = _models(name, device)
-    settings = {k: v for k, v in PRESETS[preset].items()}
+    settings = {**PRESETS[preset], **(overrides or {})}
     gen = SamAutomaticMaskGenerator(ours, output_mode="coco_rle", **settings)
     rgen = segment_anything.SamAutomaticMaskGenerator(ref, output_mode="coco_rle", **settings)
     rtimes: dict[str, float] = defaultdict(float)
     _instrument_reference(rgen, rtimes)
     gen.generate(images[0][1][:64, :64])  # warm-up
+    gen.timings.clear()
     t_ours = t_ref = 0.0
     n_ours = n_ref = 0
     for _, image in images:
@@ -86,7 +87,8 @@ def run_model(name: str, images, preset: str, device: str) -> None:
             pass
         t_ref += time.perf_counter() - t
     k = len(images)
-    print(f"\n== {name}, preset {preset}, {k} image(s), device {device}, "
+    extra = f" + {overrides}" if overrides else ""
+    print(f"\n== {name}, preset {preset}{extra}, {k} image(s), device {device}, "
           f"threads {torch.get_num_threads()}")
     print(f"   ours      {t_ours / k:8.2f} s/image  {n_ours / k:6.1f} masks/image")
     print(f"   reference {t_ref / k:8.2f} s/image  {n_ref / k:6.1f} masks/image")
@@ -131,13 +133,18 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--preset", default="default")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--pred-iou-thresh", type=float, default=None)
+    ap.add_argument("--stability-score-thresh", type=float, default=None)
     args = ap.parse_args()
+    overrides = {k: v for k, v in [("pred_iou_thresh", args.pred_iou_thresh),
+                                   ("stability_score_thresh", args.stability_score_thresh)]
+                 if v is not None}
     images = load_images(limit=args.images)
     print("images: " + ", ".join(f"{n} {im.shape[1]}x{im.shape[0]}" for n, im in images))
     for m in args.models:
-        run_model(m, images, args.preset, args.device)
+        run_model(m, images, args.preset, args.device, overrides)
     if args.device == "cuda" and "vit_h" not in args.models:
-        run_model("vit_h", images, args.preset, args.device)
+        run_model("vit_h", images, args.preset, args.device, overrides)
 
 
 if __name__ == "__main__":

@@ -286,15 +286,15 @@ class SamAutomaticMaskGenerator:
         n = in_points.shape[0]
         labels = torch.ones(n, 1, dtype=torch.int, device=in_points.device)
         with self._timed("decoder"):
-            low_res, iou = p.decode_low_res(in_points[:, None, :], labels, multimask_output=True)
-        k = low_res.shape[1]
-        low_res = low_res.flatten(0, 1)
-        iou = iou.flatten(0, 1)
-        point_idx = torch.arange(n, device=in_points.device).repeat_interleave(k)
-        with self._timed("filter"):
             if self.pred_iou_thresh > 0.0:
-                keep = iou > self.pred_iou_thresh
-                low_res, iou, point_idx = low_res[keep], iou[keep], point_idx[keep]
+                low_res, iou, flat = p.decode_above(in_points[:, None, :], labels, self.pred_iou_thresh)
+                point_idx = flat // (self.model.mask_decoder.num_mask_tokens - 1)
+            else:
+                low_res, iou = p.decode_low_res(in_points[:, None, :], labels, multimask_output=True)
+                k = low_res.shape[1]
+                low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
+                point_idx = torch.arange(n, device=in_points.device).repeat_interleave(k)
+        with self._timed("filter"):
             if low_res.shape[0] == 0:
                 return None
             stab, _, boxes = self._stats(low_res, geometry)

@@ -207,6 +207,23 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All mask logits (or only those of `mask_slice`: the others are not computed)
         and the IoU predictions of every mask token."""
+        tokens_out, src = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        wanted = list(range(self.num_mask_tokens)[mask_slice or slice(None)])
+        masks = self.upscale_masks(src, tokens_out, wanted)
+        return masks, self.iou_prediction_head(tokens_out[:, 0])
+
+    def run_transformer(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer: output tokens (B, T, C) (IoU token first, then the mask
+        tokens) and image tokens (B, C, h, w). IoU predictions need only the tokens, so a
+        caller can filter before paying for the mask upscaling."""
         b = sparse_prompt_embeddings.shape[0]
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         out_tokens = out_tokens.to(sparse_prompt_embeddings.dtype)
@@ -224,15 +241,17 @@ class MaskDecoder(nn.Module):
         src = image_embeddings + dense
         _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+        return hs, src.transpose(1, 2).reshape(b, c, h, w)
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        wanted = range(self.num_mask_tokens)[mask_slice or slice(None)]
+    def upscale_masks(
+        self, src: torch.Tensor, tokens_out: torch.Tensor, wanted: list[int]
+    ) -> torch.Tensor:
+        """Mask logits (B, len(wanted), 4h, 4w) of the mask tokens `wanted`."""
+        b = src.shape[0]
+        upscaled = self.output_upscaling(src)
+        mask_tokens_out = tokens_out[:, 1 : 1 + self.num_mask_tokens]
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in wanted], dim=1
         )
         _, c2, h2, w2 = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c2, h2 * w2)).view(b, -1, h2, w2)
-        iou_pred = self.iou_prediction_head(iou_token_out)
-        return masks, iou_pred
+        return (hyper_in @ upscaled.view(b, c2, h2 * w2)).view(b, len(wanted), h2, w2)

@@ -248,3 +248,25 @@ class SamPredictor:
                 multimask_output=multimask_output,
             )
         return low_res.float(), iou.float()
+
+    @torch.no_grad()
+    def decode_above(
+        self, point_coords: torch.Tensor, point_labels: torch.Tensor, iou_thresh: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Multimask decoding that upscales only the masks whose predicted IoU exceeds
+        `iou_thresh` (the IoU head needs only the transformer's tokens, the upscaling is
+        half the decoder's cost). Returns their low-res logits (K, 4h, 4w), IoUs (K,) and
+        flat indices prompt * 3 + output, in that (the reference's) order."""
+        pe = self.model.prompt_encoder
+        dec = self.model.mask_decoder
+        with self._autocast():
+            sparse, dense = pe(points=(point_coords, point_labels), boxes=None, masks=None)
+            tokens, src = dec.run_transformer(self.features, pe.get_dense_pe(), sparse, dense)
+            iou = dec.iou_prediction_head(tokens[:, 0])[:, 1:].float()
+            keep = iou > iou_thresh
+            rows = keep.any(dim=1).nonzero()[:, 0]
+            low = dec.upscale_masks(src[rows], tokens[rows], list(range(1, dec.num_mask_tokens)))
+        flat = keep[rows]
+        n_out = iou.shape[1]
+        index = (rows[:, None] * n_out + torch.arange(n_out, device=rows.device))[flat]
+        return low[flat].float(), iou[rows][flat], index
