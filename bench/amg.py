@@ -21,21 +21,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from bench.common import load_images, seeded_reference
-
-
-def _models(name: str, device: str):
-    from sam import build_sam_from_config, model_config, sam_model_registry
-    from tests.reference import build_reference_sam
-
-    if name == "tiny":
-        ours = sam_model_registry["tiny"]()
-        ref = build_reference_sam(model_config("tiny"), ours.state_dict())
-    else:
-        ref, sd = seeded_reference(name)
-        ours = build_sam_from_config(model_config(name))
-        ours.load_state_dict(sd)
-    return ours.to(device).eval(), ref.to(device).eval()
+from bench.common import load_images, model_pair
 
 
 def _instrument_reference(gen, timings):
@@ -66,7 +52,7 @@ def run_model(name: str, images, preset: str, device: str, overrides: dict | Non
 
     from sam.amg import PRESETS, SamAutomaticMaskGenerator
 
-    ours, ref = _models(name, device)
+    ours, ref = model_pair(name, device)
     settings = {**PRESETS[preset], **(overrides or {})}
     gen = SamAutomaticMaskGenerator(ours, output_mode="coco_rle", **settings)
     rgen = segment_anything.SamAutomaticMaskGenerator(ref, output_mode="coco_rle", **settings)

@@ -52,3 +52,19 @@ def timeit(fn, repeat: int = 3, warmup: int = 1) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def model_pair(name: str, device: str):
+    """Our model and the reference's with identical weights: the bundled tiny model, or
+    seeded random weights for the ViT models (no official weights here)."""
+    from sam import build_sam_from_config, model_config, sam_model_registry
+    from tests.reference import build_reference_sam
+
+    if name == "tiny":
+        ours = sam_model_registry["tiny"]()
+        ref = build_reference_sam(model_config("tiny"), ours.state_dict())
+    else:
+        ref, sd = seeded_reference(name)
+        ours = build_sam_from_config(model_config(name))
+        ours.load_state_dict(sd)
+    return ours.to(device).eval(), ref.to(device).eval()

@@ -14,25 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from bench.common import load_images, seeded_reference, timeit
-
-
-def _pair(name: str, device: str):
-    import segment_anything
-
-    from sam import build_sam_from_config, model_config, sam_model_registry
-
-    if name == "tiny":
-        ours = sam_model_registry["tiny"]()
-        from tests.reference import build_reference_sam
-
-        ref = build_reference_sam(model_config("tiny"), ours.state_dict())
-    else:
-        ref, sd = seeded_reference(name)
-        ours = build_sam_from_config(model_config(name))
-        ours.load_state_dict(sd)
-    del segment_anything
-    return ours.to(device).eval(), ref.to(device).eval()
+from bench.common import load_images, model_pair, timeit
 
 
 def cpu_rows(models: list[str], repeat: int) -> None:
@@ -45,7 +27,7 @@ def cpu_rows(models: list[str], repeat: int) -> None:
     print(f"{'model':6} {'stage':8} {'ours ms':>9} {'ref ms':>9} {'speed-up':>8}")
     pts = np.array([[image.shape[1] // 2, image.shape[0] // 2]])
     for m in models:
-        ours, ref = _pair(m, "cpu")
+        ours, ref = model_pair(m, "cpu")
         po, pr = SamPredictor(ours), segment_anything.SamPredictor(ref)
         t_o = timeit(lambda po=po: po.set_image(image), repeat)
         t_r = timeit(lambda pr=pr: pr.set_image(image), repeat)
@@ -65,7 +47,7 @@ def gpu_rows(repeat: int) -> None:
     print(f"GPU: {torch.cuda.get_device_name()}")
     print(f"{'model':6} {'precision':9} {'img/s':>8} {'mask agree vs fp32':>20}")
     for m in ["vit_b", "vit_h"]:
-        ours, _ = _pair(m, "cuda")
+        ours, _ = model_pair(m, "cuda")
         ref_masks = None
         for prec in ["fp32", "bf16"]:
             p = SamPredictor(ours, precision=prec)

@@ -147,28 +147,7 @@ def masks_to_runs(
     starts = (r[:, 1] + x0) * big_h + y0 + r[:, 2]
     ends = (f[:, 1] + x0) * big_h + y0 + f[:, 2] + 1
     ids = r[:, 0]
-    total = big_h * big_w
-    # a run that ends exactly where the next one (same mask) starts is one run
-    join = np.zeros(len(starts), dtype=bool)
-    if len(starts) > 1:
-        join[1:] = (starts[1:] == ends[:-1]) & (ids[1:] == ids[:-1])
-    keep_start = ~join
-    keep_end = np.ones(len(ends), dtype=bool)
-    keep_end[:-1] = ~join[1:]
-    starts, s_ids = starts[keep_start], ids[keep_start]
-    ends = ends[keep_end]
-    bounds = np.empty(2 * len(starts), dtype=np.int64)
-    bounds[0::2], bounds[1::2] = starts, ends
-    split = np.searchsorted(s_ids, np.arange(n + 1))
-    out = []
-    for i in range(n):
-        b = bounds[2 * split[i] : 2 * split[i + 1]]
-        if len(b) and b[-1] == total:  # ends inside a run of ones: no trailing zeros
-            counts = np.diff(np.concatenate(([0], b)))
-        else:
-            counts = np.diff(np.concatenate(([0], b, [total])))
-        out.append(counts)
-    return out
+    return _runs_from_bounds(starts, ends, ids, n, big_h * big_w)
 
 
 def runs_area(counts: np.ndarray) -> int:
