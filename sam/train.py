@@ -43,14 +43,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import config
 from .config import model_config, validate_config
 from .scenes import make_scene
 
 log = logging.getLogger("sam.train")
 
 TRAIN_SEED_BASE = 10_000_000
-PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+PIXEL_MEAN = np.array(config.PIXEL_MEAN, np.float32)
+PIXEL_STD = np.array(config.PIXEL_STD, np.float32)
 
 DEFAULT_DATA = {
     "min_objects": 2,
@@ -242,63 +243,11 @@ def seg_loss(logits, target, kind="bce"):
 # --------------------------------------------------------------------------- model
 
 
-def build_model(cfg: dict, backend: str = "ours"):
-    """Our randomly initialised ``Sam`` (default) or the reference package (``backend="reference"``)."""
-    cfg = validate_config(dict(cfg))
-    if backend == "ours":
-        from .model import build_sam_from_config
+def build_model(cfg: dict):
+    """Our randomly initialised ``Sam`` for ``cfg``."""
+    from .model import build_sam_from_config
 
-        return build_sam_from_config(cfg)
-    if backend == "reference":
-        from functools import partial
-
-        from segment_anything.modeling import (
-            ImageEncoderViT,
-            MaskDecoder,
-            PromptEncoder,
-            Sam,
-            TwoWayTransformer,
-        )
-
-        img, dim = cfg["image_size"], cfg["prompt_embed_dim"]
-        emb = img // cfg["patch_size"]
-        return Sam(
-            image_encoder=ImageEncoderViT(
-                depth=cfg["encoder_depth"],
-                embed_dim=cfg["encoder_embed_dim"],
-                img_size=img,
-                mlp_ratio=cfg["encoder_mlp_ratio"],
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                num_heads=cfg["encoder_num_heads"],
-                patch_size=cfg["patch_size"],
-                qkv_bias=True,
-                use_rel_pos=True,
-                global_attn_indexes=cfg["encoder_global_attn_indexes"],
-                window_size=cfg["encoder_window_size"],
-                out_chans=dim,
-            ),
-            prompt_encoder=PromptEncoder(
-                embed_dim=dim,
-                image_embedding_size=(emb, emb),
-                input_image_size=(img, img),
-                mask_in_chans=cfg["mask_in_chans"],
-            ),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=cfg["num_multimask_outputs"],
-                transformer=TwoWayTransformer(
-                    depth=cfg["decoder_depth"],
-                    embedding_dim=dim,
-                    mlp_dim=cfg["decoder_mlp_dim"],
-                    num_heads=cfg["decoder_num_heads"],
-                ),
-                transformer_dim=dim,
-                iou_head_depth=cfg["iou_head_depth"],
-                iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
-            ),
-            pixel_mean=list(PIXEL_MEAN),
-            pixel_std=list(PIXEL_STD),
-        )
-    raise ValueError(f"unknown backend {backend!r}")
+    return build_sam_from_config(validate_config(dict(cfg)))
 
 
 def _fp32():
@@ -434,7 +383,6 @@ def train(
     workers: int = 1,
     save_every: int = 250,
     resume: bool = False,
-    backend: str = "ours",
     data: dict | None = None,
     log_every: int = 25,
     progress: bool = True,
@@ -448,7 +396,7 @@ def train(
     torch.manual_seed(seed)
     threads = threads or max(1, len(os.sched_getaffinity(0)))
     torch.set_num_threads(threads)
-    model = build_model(cfg, backend)
+    model = build_model(cfg)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
@@ -583,7 +531,7 @@ def train(
             "predicted vs actual IoU for every output",
         },
         "bf16_autocast": bf16,
-        "backend": backend,
+        "backend": "ours",
         "training_minutes": round(total / 60, 2),
         "threads": threads,
         "torch": torch.__version__,
@@ -644,7 +592,6 @@ def main(argv=None):
         help="wall-time budget: the LR schedule follows max(step, time) progress and training "
         "stops (and writes) when the budget is spent; the steps done are recorded",
     )
-    p.add_argument("--backend", choices=["ours", "reference"], default="ours")
     p.add_argument("--data", default=None, help="JSON overriding scene-generator parameters")
     p.add_argument("--loss", choices=["bce", "focal"], default="bce", help="see seg_loss")
     p.add_argument("--log-every", type=int, default=25)
@@ -671,7 +618,6 @@ def main(argv=None):
         workers=a.workers,
         save_every=a.save_every,
         resume=a.resume,
-        backend=a.backend,
         data=json.loads(a.data) if a.data else None,
         log_every=a.log_every,
         loss=a.loss,

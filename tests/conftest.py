@@ -18,6 +18,18 @@ def shared_dir(sub: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 protocol server (moto) on 127.0.0.1 for the whole session."""
+    pytest.importorskip("s3fs", reason="s3fs is needed for s3:// tests")
+    server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
+    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    yield f"http://{host}:{port}"
+    srv.stop()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -18,17 +18,6 @@ DUMMY_AWS = {
 
 
 @pytest.fixture(scope="session")
-def moto_endpoint():
-    pytest.importorskip("s3fs", reason="s3fs is needed for s3:// tests")
-    server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
-    srv = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
-    srv.stop()
-
-
-@pytest.fixture(scope="session")
 def ray_address(moto_endpoint):
     """A local Ray with 2 CPUs and 2 (pretend) GPUs. The workers get the dummy AWS
     credentials only through the job's runtime_env: this process has none when Ray

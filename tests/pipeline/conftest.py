@@ -62,26 +62,20 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         self._serve(head=False)
 
+    def _html(self, status: int, body: bytes, head: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
     def _serve(self, head: bool):
         path = self.path.split("?", 1)[0]
         if path.startswith("/expired/"):
-            body = b"<!DOCTYPE html><html><body>URL signature expired</body></html>"
-            self.send_response(403)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
-            return
+            return self._html(403, b"<!DOCTYPE html><html><body>URL signature expired</body></html>", head)
         if path.startswith("/fake200/"):  # a 200 with an HTML page instead of the file
-            body = b"<html><body>Please log in</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
-            return
+            return self._html(200, b"<html><body>Please log in</body></html>", head)
         file = Path(self.server.root) / path.lstrip("/")
         if not file.is_file():
             self.send_error(404)
@@ -132,19 +126,8 @@ def http_server(tmp_path):
         srv.server_close()
 
 
-@pytest.fixture(scope="session")
-def _moto():
-    pytest.importorskip("s3fs", reason="s3fs is needed for s3:// tests")
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
-    srv = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
-    srv.stop()
-
-
 @pytest.fixture
-def s3_bucket(_moto, monkeypatch):
+def s3_bucket(moto_endpoint, monkeypatch):
     """A fresh bucket on the moto server; fsspec's s3 config points at it."""
     import fsspec.config
     import s3fs
@@ -153,12 +136,12 @@ def s3_bucket(_moto, monkeypatch):
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "FSSPEC_S3_ENDPOINT_URL": _moto,
+        "FSSPEC_S3_ENDPOINT_URL": moto_endpoint,
     }.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": _moto})
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": moto_endpoint})
     s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(endpoint_url=_moto)
+    fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint)
     name = f"test-{os.urandom(4).hex()}"
     fs.mkdir(name)
     yield name, fs
