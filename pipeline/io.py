@@ -44,8 +44,14 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
 
 
 def redact(url: str) -> str:
-    """``url`` without its query string (signed URLs carry secrets there)."""
-    return url.split("?", 1)[0]
+    """``url`` safe to print: no query string (signed URLs carry secrets there) and no
+    ``user:password@``."""
+    url = url.split("?", 1)[0]
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        host, slash, path = rest.partition("/")
+        url = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
+    return url
 
 
 def join(base: str, *parts: str) -> str:

@@ -181,3 +181,18 @@ def test_atomic_write_to_s3_commits_only_on_success(s3_bucket):
         pass
     fs.invalidate_cache()
     assert fs.cat(f"s3://{bucket}/idx/empty") == b""
+
+
+@pytest.mark.parametrize(
+    "url,shown",
+    [("https://user:secret@host.example:8443/a/sa_000001.tar?X-Amz-Signature=abc",
+      "https://host.example:8443/a/sa_000001.tar"),
+     ("s3://bucket/prefix/sa_000001.tar", "s3://bucket/prefix/sa_000001.tar"),
+     ("relative/sa_000001.tar", "relative/sa_000001.tar")],
+)
+def test_urls_are_printed_without_credentials(url, shown):
+    from pipeline.io import redact
+    from sam.checkpoint import display_url
+
+    assert redact(url) == shown
+    assert display_url(url) == shown
