@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["tiny", "vit_b"])
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--preset", default="default")
+    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                    help="synthetic scenes of this size instead of the shared photos")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--pred-iou-thresh", type=float, default=None)
     ap.add_argument("--stability-score-thresh", type=float, default=None)
@@ -125,7 +127,7 @@ def main() -> None:
     overrides = {k: v for k, v in [("pred_iou_thresh", args.pred_iou_thresh),
                                    ("stability_score_thresh", args.stability_score_thresh)]
                  if v is not None}
-    images = load_images(limit=args.images)
+    images = load_images(limit=args.images, size=tuple(args.size) if args.size else None)
     print("images: " + ", ".join(f"{n} {im.shape[1]}x{im.shape[0]}" for n, im in images))
     for m in args.models:
         run_model(m, images, args.preset, args.device, overrides)

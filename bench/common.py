@@ -12,25 +12,31 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = REPO.parent / "shared" / "images"
 
 
-def load_images(limit: int | None = None, size: tuple[int, int] = (1200, 1800)) -> list[tuple[str, np.ndarray]]:
-    """The real photos beside the repo when present, else synthetic scenes."""
+def load_images(
+    limit: int | None = None, size: tuple[int, int] | None = None
+) -> list[tuple[str, np.ndarray]]:
+    """The real photos beside the repo when present (and no `size` is asked for), else
+    synthetic scenes of `size` (height, width; default 1200 x 1800)."""
     from PIL import Image
 
-    if SHARED_IMAGES.exists():
+    if SHARED_IMAGES.exists() and size is None:
         files = sorted(SHARED_IMAGES.glob("*.jpg"))[:limit]
         return [(f.name, np.asarray(Image.open(f).convert("RGB"))) for f in files]
     from sam.scenes import make_scene
 
     n = limit or 3
-    return [(f"scene{s}", make_scene(seed=10_000 + s, height=size[0], width=size[1]).image) for s in range(n)]
+    h, w = size or (1200, 1800)
+    return [(f"scene{s}", make_scene(seed=10_000 + s, height=h, width=w).image) for s in range(n)]
 
 
-def seeded_reference(name: str, seed: int = 0):
-    """The reference's model `name` with seeded random weights, and that state dict."""
+def seeded_reference(name: str, seed: int = 0, device: str = "cpu"):
+    """The reference's model `name` with seeded random weights, and that state dict.
+    Built directly on `device` (initialising vit_h on the CPU alone takes many seconds)."""
     import segment_anything
 
     torch.manual_seed(seed)
-    ref = segment_anything.sam_model_registry[name]()
+    with torch.device(device):
+        ref = segment_anything.sam_model_registry[name]()
     with torch.no_grad():
         for k, p in ref.named_parameters():
             if "rel_pos" in k or "pos_embed" in k:
@@ -64,7 +70,8 @@ def model_pair(name: str, device: str):
         ours = sam_model_registry["tiny"]()
         ref = build_reference_sam(model_config("tiny"), ours.state_dict())
     else:
-        ref, sd = seeded_reference(name)
-        ours = build_sam_from_config(model_config(name))
+        ref, sd = seeded_reference(name, device=device)
+        with torch.device(device):
+            ours = build_sam_from_config(model_config(name))
         ours.load_state_dict(sd)
     return ours.to(device).eval(), ref.to(device).eval()

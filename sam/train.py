@@ -122,14 +122,18 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
     scale = nh / h if h >= w else nw / w
     scale_x, scale_y = nw / w, nh / h
 
-    x = np.zeros((image_size, image_size, 3), np.float32)
-    x[:nh, :nw] = (img.astype(np.float32) - PIXEL_MEAN) / PIXEL_STD
+    x = np.zeros((image_size, image_size, 3), np.uint8)  # normalised in normalise()
+    x[:nh, :nw] = img
 
     # choose instances: objects and parts weigh more than background regions
     kinds = np.array(scene.kinds)
     weight = np.where(kinds == "background", 0.4, 1.0)
-    n = min(n_prompts, len(kinds))
-    chosen = rng.choice(len(kinds), size=n, replace=False, p=weight / weight.sum())
+    p = weight / weight.sum()
+    chosen = rng.choice(len(kinds), size=min(n_prompts, len(kinds)), replace=False, p=p)
+    if n_prompts > len(kinds):  # more prompts than instances: repeats get other prompts
+        extra = rng.choice(len(kinds), size=n_prompts - len(kinds), replace=True, p=p)
+        chosen = np.concatenate([chosen, extra])
+    n = len(chosen)
     masks = scene.masks[chosen]
 
     # low-res soft targets: area-resize to the model frame, pad, 4x4 average
@@ -173,7 +177,7 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
             coords[j] = [(px + 0.5) * scale_x, (py + 0.5) * scale_y]
     del scale
     return {
-        "image": torch.from_numpy(x.transpose(2, 0, 1).copy()),
+        "image": torch.from_numpy(x.transpose(2, 0, 1).copy()),  # uint8, zero-padded
         "target": torch.from_numpy(target.copy()),
         "is_box": torch.from_numpy(is_box),
         "coords": torch.from_numpy(coords),
@@ -181,6 +185,11 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
         "valid": (nh, nw),
         "seed": int(scene_seed_),
     }
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 class SceneStream(torch.utils.data.IterableDataset):
@@ -192,7 +201,11 @@ class SceneStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         seed, start, steps, batch, image_size, n_prompts, data = self.args
-        for step in range(start, steps):
+        # with several loader workers, worker k makes steps k, k + n, ...; the loader
+        # hands out their batches round-robin, so the order stays by step
+        info = torch.utils.data.get_worker_info()
+        first, stride = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(start + first, steps, stride):
             yield [
                 make_sample(scene_seed(seed, step, i, batch), image_size, n_prompts, data)
                 for i in range(batch)
@@ -250,15 +263,15 @@ def build_model(cfg: dict):
     return build_sam_from_config(validate_config(dict(cfg)))
 
 
-def _fp32():
+def _fp32(device_type: str = "cpu"):
     """Positional encodings need fp32: in bf16 the Fourier phases are off by ~0.1 rad."""
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device_type, enabled=False)
 
 
 def decode_all(model, emb, sparse, dense):
     """All four mask outputs and IoU predictions: ``(K, 4, h, w)``, ``(K, 4)``."""
     dec = model.mask_decoder
-    with _fp32():
+    with _fp32(emb.device.type):
         pe = model.prompt_encoder.get_dense_pe()
     if hasattr(dec, "predict_masks"):
         return dec.predict_masks(emb, pe, sparse, dense)
@@ -267,85 +280,115 @@ def decode_all(model, emb, sparse, dense):
     return torch.cat([m1, m3], 1), torch.cat([i1, i3], 1)
 
 
+def correction_points(prev, gt, fallback, generator):
+    """One corrective click per mask, vectorised: a uniform pixel of the larger error
+    region (false negatives -> positive click, false positives -> negative click), of the
+    target when the mask is already exact, or ``fallback`` when the target is too thin
+    for the low-resolution grid. ``prev``: logits ``(K, h, w)``; ``gt``: bool ``(K, h, w)``.
+    Returns points ``(K, 2)`` in the model frame (4 px per low-res cell) and labels."""
+    pr = prev > 0
+    fn, fp = gt & ~pr, pr & ~gt
+    use_fn = fn.sum((1, 2)) >= fp.sum((1, 2))
+    err = torch.where(use_fn[:, None, None], fn, fp)
+    lab = use_fn.long()
+    exact = err.sum((1, 2)) == 0
+    err = torch.where(exact[:, None, None], gt, err)
+    lab = torch.where(exact, torch.ones_like(lab), lab)
+    score = torch.rand(err.shape, generator=generator, device=err.device) + 1e-6
+    flat = (score * err).flatten(1).argmax(1)
+    w = err.shape[-1]
+    pts = torch.stack([flat % w, flat // w], 1).float() * 4 + 2
+    empty = err.sum((1, 2)) == 0
+    pts = torch.where(empty[:, None], fallback, pts)
+    lab = torch.where(empty, torch.ones_like(lab), lab)
+    return pts, lab
+
+
+def normalise(batch: list[dict], device) -> torch.Tensor:
+    """The batch's uint8 images as the model's input: normalised, padding at zero."""
+    images = torch.stack([s["image"] for s in batch]).to(device, non_blocking=True).float()
+    mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)
+    x = (images - mean) / std
+    size = x.shape[-1]
+    valid = torch.zeros(len(batch), 1, size, size, device=device)
+    for i, s in enumerate(batch):
+        valid[i, :, : s["valid"][0], : s["valid"][1]] = 1
+    return x * valid
+
+
 def compute_loss(
     model, batch: list[dict], refine_frac: float, rng: np.random.Generator, loss: str = "bce"
 ):
-    """Mean loss over every prompt of the batch and some statistics."""
-    images = torch.stack([s["image"] for s in batch])
-    emb_all = model.image_encoder(images)
-    seg_terms, iou_terms, best_ious = [], [], []
-    for b, s in enumerate(batch):
-        emb = emb_all[b : b + 1]
-        target = s["target"]
-        is_box = s["is_box"]
-        for box_mode in (False, True):
-            sel = torch.nonzero(is_box == box_mode).flatten()
-            if len(sel) == 0:
-                continue
-            tgt = target[sel][:, None]
-            if box_mode:
-                with _fp32():
-                    sparse, dense = model.prompt_encoder(
-                        points=None, boxes=s["boxes"][sel], masks=None
-                    )
-            else:
-                pts = s["coords"][sel][:, None]
-                lbl = torch.ones(len(sel), 1, dtype=torch.int64)
-                with _fp32():
-                    sparse, dense = model.prompt_encoder(points=(pts, lbl), boxes=None, masks=None)
-            masks, iou_pred = decode_all(model, emb, sparse, dense)
-            masks = masks.float()
-            per = seg_loss(masks, tgt.expand_as(masks), loss)  # K x 4
-            multi = per[:, 1:].min(1)
-            seg_terms.append(multi.values + (per[:, 0] if box_mode else 0.0))
-            actual = mask_iou(masks.detach(), tgt.expand_as(masks))
-            iou_terms.append(((iou_pred.float() - actual) ** 2).mean(1))
-            best = multi.indices + 1
-            best_ious.append(actual.gather(1, best[:, None])[:, 0])
+    """Mean loss over every prompt of the batch and some statistics.
 
-            if not box_mode and refine_frac > 0:
-                k = int(round(refine_frac * len(sel)))
-                if k == 0:
-                    continue
-                idx = torch.arange(k)
-                prev = masks[idx, best[idx]].detach()[:, None]
-                new_pts, new_lbl = [], []
-                for j in range(k):
-                    gt = tgt[j, 0] > 0.5
-                    pr = prev[j, 0] > 0
-                    fn, fp = gt & ~pr, pr & ~gt
-                    err, lab = (fn, 1) if fn.sum() >= fp.sum() else (fp, 0)
-                    if err.sum() == 0:
-                        err, lab = gt, 1
-                    cand = torch.nonzero(err)
-                    if len(cand) == 0:  # target too thin for the low-res grid: repeat
-                        new_pts.append(s["coords"][sel][j])
-                        new_lbl.append(1)
-                        continue
-                    yx = cand[int(rng.integers(len(cand)))].float()
-                    new_pts.append(torch.stack([yx[1], yx[0]]) * 4 + 2)
-                    new_lbl.append(lab)
-                pts2 = torch.cat([s["coords"][sel][idx, None], torch.stack(new_pts)[:, None]], 1)
-                lbl2 = torch.tensor([[1, lab] for lab in new_lbl], dtype=torch.int64)
-                with _fp32():
-                    sparse, dense = model.prompt_encoder(
-                        points=(pts2, lbl2), boxes=None, masks=prev.float()
-                    )
-                    pe = model.prompt_encoder.get_dense_pe()
-                m2, i2 = model.mask_decoder(emb, pe, sparse, dense, multimask_output=False)
-                m2 = m2.float()
-                t2 = tgt[idx]
-                seg_terms.append(seg_loss(m2, t2, loss)[:, 0])
-                act2 = mask_iou(m2.detach(), t2)
-                iou_terms.append(((i2.float() - act2) ** 2)[:, 0])
+    All prompts of all scenes go through the decoder in one call (each with its scene's
+    embedding); the refinement round is a second call."""
+    device = next(model.parameters()).device
+    dt = device.type
+
+    def cat(key):
+        return torch.cat([s[key] for s in batch]).to(device, non_blocking=True)
+
+    images = normalise(batch, device)
+    emb_all = model.image_encoder(images)
+    counts = torch.tensor([len(s["target"]) for s in batch])
+    scene = torch.repeat_interleave(torch.arange(len(batch)), counts)
+    is_box_cpu = torch.cat([s["is_box"] for s in batch])
+    pt = torch.nonzero(~is_box_cpu).flatten()
+    bx = torch.nonzero(is_box_cpu).flatten()
+    order = torch.cat([pt, bx])
+    target, coords, boxes = cat("target"), cat("coords"), cat("boxes")
+    tgt = target[order.to(device)][:, None]
+    emb = emb_all[scene[order].to(device)]
+
+    sparse_parts, dense = [], None
+    with _fp32(dt):
+        if len(pt):
+            p_coords = coords[pt.to(device)][:, None]
+            lbl = torch.ones(len(pt), 1, dtype=torch.int64, device=device)
+            sp, dense = model.prompt_encoder(points=(p_coords, lbl), boxes=None, masks=None)
+            sparse_parts.append(sp)
+        if len(bx):
+            sp, dense = model.prompt_encoder(points=None, boxes=boxes[bx.to(device)], masks=None)
+            sparse_parts.append(sp)
+    sparse = torch.cat(sparse_parts)
+    masks, iou_pred = decode_all(model, emb, sparse, dense[:1])
+    masks = masks.float()
+    per = seg_loss(masks, tgt.expand_as(masks), loss)  # K x 4
+    multi = per[:, 1:].min(1)
+    box_flag = torch.zeros(len(order), device=device)
+    box_flag[len(pt) :] = 1.0
+    seg_terms = [multi.values + box_flag * per[:, 0]]
+    actual = mask_iou(masks.detach(), tgt.expand_as(masks))
+    iou_terms = [((iou_pred.float() - actual) ** 2).mean(1)]
+    best = multi.indices + 1
+    best_iou = actual.gather(1, best[:, None])[:, 0]
+
+    k = int(round(refine_frac * len(pt)))
+    if k > 0:
+        ridx = torch.as_tensor(np.sort(rng.permutation(len(pt))[:k]), device=device)
+        prev = masks[ridx, best[ridx]].detach()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(rng.integers(2**62)))
+        new_pts, new_lbl = correction_points(prev, tgt[ridx, 0] > 0.5, p_coords[ridx, 0], gen)
+        pts2 = torch.stack([p_coords[ridx, 0], new_pts], 1)
+        lbl2 = torch.stack([torch.ones_like(new_lbl), new_lbl], 1)
+        with _fp32(dt):
+            sparse2, dense2 = model.prompt_encoder(
+                points=(pts2, lbl2), boxes=None, masks=prev[:, None].float()
+            )
+            pe = model.prompt_encoder.get_dense_pe()
+        m2, i2 = model.mask_decoder(emb[ridx], pe, sparse2, dense2, multimask_output=False)
+        m2 = m2.float()
+        t2 = tgt[ridx]
+        seg_terms.append(seg_loss(m2, t2, loss)[:, 0])
+        act2 = mask_iou(m2.detach(), t2)
+        iou_terms.append(((i2.float() - act2) ** 2)[:, 0])
     seg = torch.cat(seg_terms).mean()
     iou = torch.cat(iou_terms).mean()
-    stats = {
-        "seg": seg.item(),
-        "iou_mse": iou.item(),
-        "best_iou": torch.cat(best_ious).mean().item(),
-    }
-    return seg + iou, stats
+    stats = torch.stack([seg.detach(), iou.detach(), best_iou.mean()]).tolist()
+    return seg + iou, dict(zip(("seg", "iou_mse", "best_iou"), stats))
 
 
 # --------------------------------------------------------------------------- main
@@ -389,6 +432,8 @@ def train(
     max_minutes: float | None = None,
     command: str | None = None,
     loss: str = "bce",
+    device: str | None = None,
+    init: str | None = None,
 ) -> dict:
     """Train and write ``out`` (state dict) plus ``out`` with ``.json`` (metadata)."""
     cfg = model_config(config) if isinstance(config, str) else validate_config(dict(config))
@@ -397,6 +442,16 @@ def train(
     threads = threads or max(1, len(os.sched_getaffinity(0)))
     torch.set_num_threads(threads)
     model = build_model(cfg)
+    init_info = None
+    if init:
+        model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+        init_info = {"path": os.path.basename(init), "sha256": sha256_file(init)}
+        log.info("initialised from %s", init)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(dev)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
@@ -411,7 +466,7 @@ def train(
     state_path = out + ".state"
     start, elapsed, history = 0, 0.0, []
     if resume and os.path.exists(state_path):
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        st = torch.load(state_path, map_location=dev, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start, elapsed, history = st["step"], st["elapsed"], st["history"]
@@ -420,7 +475,13 @@ def train(
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0FFEE, start]))
     stream = SceneStream(seed, start, steps, batch, cfg["image_size"], prompts, data)
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
     )
     it = iter(loader)
     bar = None
@@ -432,8 +493,14 @@ def train(
     ema = None
     step = start
 
-    def save_state():
+    def save_weights():
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        sd = {k: v.detach().float().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        torch.save(sd, out + ".tmp")
+        os.replace(out + ".tmp", out)
+
+    def save_state():
+        save_weights()  # a usable checkpoint even if the run is killed
         tmp = state_path + ".tmp"
         torch.save(
             {
@@ -461,14 +528,14 @@ def train(
                 break
         for g in opt.param_groups:
             g["lr"] = _lr(step, progress, lr, warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             total, stats = compute_loss(model, samples, refine_frac, rng, loss)
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step_done = step + 1
-        stats["loss"] = total.item()
+        stats["loss"] = stats["seg"] + stats["iou_mse"]
         ema = stats if ema is None else {k: 0.95 * ema[k] + 0.05 * v for k, v in stats.items()}
         if bar is not None:
             bar.update(1)
@@ -500,9 +567,7 @@ def train(
     steps_done = step_done
     total = elapsed + time.time() - t0
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    sd = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
-    torch.save(sd, out)
+    save_weights()
     meta = {
         "model": cfg.get("name", "custom"),
         "config": cfg,
@@ -531,7 +596,9 @@ def train(
             "predicted vs actual IoU for every output",
         },
         "bf16_autocast": bf16,
-        "backend": "ours",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "workers": workers,
+        "init": init_info,
         "training_minutes": round(total / 60, 2),
         "threads": threads,
         "torch": torch.__version__,
@@ -583,6 +650,8 @@ def main(argv=None):
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 (slower on CPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", type=int, default=1, help="data generation processes")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--init", default=None, help="start from these weights (a state dict)")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--resume", action="store_true", help="continue from <out>.state")
     p.add_argument(
@@ -623,6 +692,8 @@ def main(argv=None):
         loss=a.loss,
         progress=not a.no_progress,
         max_minutes=a.max_minutes,
+        device=a.device,
+        init=a.init,
         command="python -m sam.train " + " ".join(sys.argv[1:] if argv is None else argv),
     )
 
