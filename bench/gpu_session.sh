@@ -44,6 +44,6 @@ phase train $(( ${MINUTES%.*} * 60 + 120 )) \
     --no-progress
 cp /tmp/train/sam_tiny.pth /tmp/train/sam_tiny.json "$OUTDIR"/ 2>/dev/null
 
-phase amg 200 $PY -m bench.amg --models vit_h vit_b --images 2 --size 1500 2250
+phase amg 170 $PY -m bench.amg --models vit_h vit_b --images 2 --size 1500 2250
 phase predictor 120 $PY -m bench.predictor --models tiny --repeat 2
 echo "== done at ${SECONDS}s"
