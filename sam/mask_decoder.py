@@ -43,6 +43,65 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v))
 
+    # Few prompt tokens (T) meet many image tokens (N) in the decoder. Projecting the N
+    # image tokens of every prompt costs N*C*D per projection; moving the projection to
+    # the token side (associativity) costs N*C*H*T instead, less whenever H*T < D. The
+    # two methods below are the same functions as forward(), evaluated in that order.
+
+    def tokens_to_image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """forward(q, k, v) for tokens q (B, T, C) attending image tokens k, v (B, N, C)."""
+        b, t, c = q.shape
+        h, dh = self.num_heads, self.internal_dim // self.num_heads
+        qh = self._heads(self.q_proj(q)) * dh**-0.5  # (B, H, T, dh)
+        # q . (W_k x + b_k) = (W_k^T q) . x + q . b_k; the last term is the same for every
+        # image token, and softmax ignores it
+        qw = (qh @ self.k_proj.weight.view(h, dh, c)).reshape(b, h * t, c)
+        probs = torch.bmm(qw, k.transpose(1, 2)).softmax(-1)  # (B, H*T, N)
+        # softmax rows sum to 1: P (W_v x + b_v) = W_v (P x) + b_v
+        px = torch.bmm(probs, v).view(b, h, t, c)
+        wv = self.v_proj.weight.view(h, dh, c).transpose(1, 2)  # (H, C, dh)
+        out = px @ wv + self.v_proj.bias.view(h, 1, dh)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, self.internal_dim))
+
+    def image_to_tokens(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """forward(q, k, v) (plus ``residual``) for image tokens q (1 or B, N, C) attending
+        tokens k, v (B, T, C).
+
+        With a shared image (batch 1) its projection is computed once; otherwise the
+        query projection moves to the token side. The output projection always does."""
+        b, t, c = k.shape
+        n = q.shape[1]
+        h, dh = self.num_heads, self.internal_dim // self.num_heads
+        kh = self._heads(self.k_proj(k)) * dh**-0.5  # (B, H, T, dh)
+        vh = self._heads(self.v_proj(v))  # (B, H, T, dh)
+        # scores laid out (B, H, T, N): the softmax over T then runs along contiguous rows
+        if q.shape[0] == 1:
+            qh = self._heads(self.q_proj(q))[0]  # (H, N, dh), once for all prompts
+            scores = torch.bmm(kh.transpose(0, 1).reshape(h, b * t, dh), qh.transpose(1, 2))
+            scores = scores.view(h, b, t, n).transpose(0, 1)
+        else:
+            # (W_q x + b_q) . k = x . (W_q^T k) + b_q . k
+            kw = (kh @ self.q_proj.weight.view(h, dh, c)).reshape(b, h * t, c)
+            bias = (kh @ self.q_proj.bias.view(h, dh, 1)).reshape(b, h * t, 1)
+            scores = torch.baddbmm(bias, kw, q.transpose(1, 2)).view(b, h, t, n)
+        probs = scores.softmax(2).reshape(b, h * t, n).transpose(1, 2)  # (B, N, H*T)
+        wo = self.out_proj.weight.view(c, h, dh).permute(1, 2, 0)  # (H, dh, C)
+        # each token's value through the output projection; every head's probabilities
+        # sum to 1 over the tokens, so the output bias is spread as b / H over the heads
+        z = (vh @ wo + self.out_proj.bias / h).reshape(b, h * t, c)
+        if residual is None:
+            return torch.bmm(probs, z)
+        return torch.baddbmm(residual.expand(b, n, c), probs, z)
+
+    def cheaper_on_token_side(self, n_tokens: int) -> bool:
+        return self.num_heads * n_tokens < self.internal_dim
+
 
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token->image, token MLP, image->token."""
@@ -70,6 +129,7 @@ class TwoWayAttentionBlock(nn.Module):
             embedding_dim, num_heads, attention_downsample_rate
         )
         self.skip_first_layer_pe = skip_first_layer_pe
+        self.token_side = True  # see Attention.tokens_to_image
 
     def forward(
         self,
@@ -87,14 +147,22 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        t2i = self.cross_attn_token_to_image
+        if self.token_side and keys.shape[0] > 1 and t2i.cheaper_on_token_side(q.shape[1]):
+            attn = t2i.tokens_to_image(q, k, keys)
+        else:  # a shared image (batch 1) is projected once, broadcast over the prompts
+            attn = t2i(q, k, keys)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
         # In the first block `keys` may still be one image shared by every prompt (batch 1);
         # the attention broadcasts it and the sum below gives each prompt its own copy.
-        attn = self.cross_attn_image_to_token(k, q, queries)
-        keys = self.norm4(keys + attn)
+        i2t = self.cross_attn_image_to_token
+        if self.token_side and i2t.cheaper_on_token_side(q.shape[1]):
+            keys = self.norm4(i2t.image_to_tokens(k, q, queries, residual=keys))
+        else:
+            keys = self.norm4(keys + i2t(k, q, queries))
         return queries, keys
 
 
@@ -128,6 +196,7 @@ class TwoWayTransformer(nn.Module):
             embedding_dim, num_heads, attention_downsample_rate
         )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
+        self._token_side = True
 
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
@@ -143,8 +212,25 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         q = queries + point_embedding
         k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        final = self.final_attn_token_to_image
+        if self.token_side and keys.shape[0] > 1 and final.cheaper_on_token_side(q.shape[1]):
+            attn = final.tokens_to_image(q, k, keys)
+        else:
+            attn = final(q, k, keys)
+        queries = self.norm_final_attn(queries + attn)
         return queries, keys
+
+    @property
+    def token_side(self) -> bool:
+        """Whether the cross-attentions project on the token side where that is cheaper
+        (the default; exact up to float rounding). Set False for the direct evaluation."""
+        return self.layers[0].token_side if len(self.layers) else self._token_side
+
+    @token_side.setter
+    def token_side(self, value: bool) -> None:
+        self._token_side = bool(value)
+        for layer in self.layers:
+            layer.token_side = bool(value)
 
 
 class MaskDecoder(nn.Module):
@@ -241,14 +327,15 @@ class MaskDecoder(nn.Module):
         src = image_embeddings + dense
         _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
-        return hs, src.transpose(1, 2).reshape(b, c, h, w)
+        # a view: callers often upscale only a few of the prompts (see upscale_masks)
+        return hs, src.transpose(1, 2).unflatten(2, (h, w))
 
     def upscale_masks(
         self, src: torch.Tensor, tokens_out: torch.Tensor, wanted: list[int]
     ) -> torch.Tensor:
         """Mask logits (B, len(wanted), 4h, 4w) of the mask tokens `wanted`."""
         b = src.shape[0]
-        upscaled = self.output_upscaling(src)
+        upscaled = self.output_upscaling(src.contiguous())
         mask_tokens_out = tokens_out[:, 1 : 1 + self.num_mask_tokens]
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in wanted], dim=1

