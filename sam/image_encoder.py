@@ -46,9 +46,11 @@ class WindowAttention(nn.Module):
         rh = _relative_table(h, self.rel_pos_h)
         rw = _relative_table(w, self.rel_pos_w)
         qg = q.reshape(b, nh, h, w, hd)
-        bias_h = torch.einsum("bnyxc,ykc->bnyxk", qg, rh)
-        bias_w = torch.einsum("bnyxc,xkc->bnyxk", qg, rw)
-        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, nh, h * w, h * w)
+        # einsum may return permuted views; the broadcast sum follows its inputs' layout,
+        # so make them contiguous and the (hw x hw) bias is built in place, with no copy
+        bias_h = torch.einsum("bnyxc,ykc->bnyxk", qg, rh).contiguous()
+        bias_w = torch.einsum("bnyxc,xkc->bnyxk", qg, rw).contiguous()
+        bias = (bias_h[..., :, None] + bias_w[..., None, :]).view(b, nh, h * w, h * w)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         out = out.transpose(1, 2).reshape(b, h, w, c)
         return self.proj(out)

@@ -71,7 +71,7 @@ class Attention(nn.Module):
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """forward(q, k, v) (plus ``residual``) for image tokens q (1 or B, N, C) attending
-        tokens k, v (B, T, C).
+        tokens k, v (B, T, C). Without autograd a per-prompt ``residual`` is updated in place.
 
         With a shared image (batch 1) its projection is computed once; otherwise the
         query projection moves to the token side. The output projection always does."""
@@ -97,6 +97,9 @@ class Attention(nn.Module):
         z = (vh @ wo + self.out_proj.bias / h).reshape(b, h * t, c)
         if residual is None:
             return torch.bmm(probs, z)
+        if residual.shape[0] == b and residual.is_contiguous() and not torch.is_grad_enabled():
+            # inference: accumulate into the per-prompt image tokens (the caller replaces them)
+            return residual.baddbmm_(probs, z)
         return torch.baddbmm(residual.expand(b, n, c), probs, z)
 
     def cheaper_on_token_side(self, n_tokens: int) -> bool:
