@@ -9,6 +9,22 @@ from torch import nn
 from .common import MLP, FeedForward, LayerNorm2d
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched product in the lower of the two dtypes (as autocast would)."""
+    if a.dtype != b.dtype:
+        low = a.dtype if a.element_size() < b.element_size() else b.dtype
+        a, b = a.to(low), b.to(low)
+    return torch.bmm(a, b)
+
+
+def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inplace: bool = False):
+    """``acc + a @ b``, fused when the dtypes agree; otherwise the sum is promoted, as
+    ``acc + attention`` is in the direct evaluation under autocast."""
+    if acc.dtype == a.dtype == b.dtype:
+        return acc.baddbmm_(a, b) if inplace else torch.baddbmm(acc, a, b)
+    return acc + _bmm(a, b)
+
+
 class Attention(nn.Module):
     """Multi-head attention with an optional down-projection of the internal width."""
 
@@ -56,9 +72,9 @@ class Attention(nn.Module):
         # q . (W_k x + b_k) = (W_k^T q) . x + q . b_k; the last term is the same for every
         # image token, and softmax ignores it
         qw = (qh @ self.k_proj.weight.view(h, dh, c)).reshape(b, h * t, c)
-        probs = torch.bmm(qw, k.transpose(1, 2)).softmax(-1)  # (B, H*T, N)
+        probs = _bmm(qw, k.transpose(1, 2)).softmax(-1)  # (B, H*T, N)
         # softmax rows sum to 1: P (W_v x + b_v) = W_v (P x) + b_v
-        px = torch.bmm(probs, v).view(b, h, t, c)
+        px = _bmm(probs, v).view(b, h, t, c)
         wv = self.v_proj.weight.view(h, dh, c).transpose(1, 2)  # (H, C, dh)
         out = px @ wv + self.v_proj.bias.view(h, 1, dh)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, self.internal_dim))
@@ -83,24 +99,24 @@ class Attention(nn.Module):
         # scores laid out (B, H, T, N): the softmax over T then runs along contiguous rows
         if q.shape[0] == 1:
             qh = self._heads(self.q_proj(q))[0]  # (H, N, dh), once for all prompts
-            scores = torch.bmm(kh.transpose(0, 1).reshape(h, b * t, dh), qh.transpose(1, 2))
+            scores = _bmm(kh.transpose(0, 1).reshape(h, b * t, dh), qh.transpose(1, 2))
             scores = scores.view(h, b, t, n).transpose(0, 1)
         else:
             # (W_q x + b_q) . k = x . (W_q^T k) + b_q . k
             kw = (kh @ self.q_proj.weight.view(h, dh, c)).reshape(b, h * t, c)
             bias = (kh @ self.q_proj.bias.view(h, dh, 1)).reshape(b, h * t, 1)
-            scores = torch.baddbmm(bias, kw, q.transpose(1, 2)).view(b, h, t, n)
+            scores = _add_bmm(bias, kw, q.transpose(1, 2)).view(b, h, t, n)
         probs = scores.softmax(2).reshape(b, h * t, n).transpose(1, 2)  # (B, N, H*T)
         wo = self.out_proj.weight.view(c, h, dh).permute(1, 2, 0)  # (H, dh, C)
         # each token's value through the output projection; every head's probabilities
         # sum to 1 over the tokens, so the output bias is spread as b / H over the heads
         z = (vh @ wo + self.out_proj.bias / h).reshape(b, h * t, c)
         if residual is None:
-            return torch.bmm(probs, z)
+            return _bmm(probs, z)
         if residual.shape[0] == b and residual.is_contiguous() and not torch.is_grad_enabled():
             # inference: accumulate into the per-prompt image tokens (the caller replaces them)
-            return residual.baddbmm_(probs, z)
-        return torch.baddbmm(residual.expand(b, n, c), probs, z)
+            return _add_bmm(residual, probs, z, inplace=True)
+        return _add_bmm(residual.expand(b, n, c), probs, z)
 
     def cheaper_on_token_side(self, n_tokens: int) -> bool:
         return self.num_heads * n_tokens < self.internal_dim
