@@ -26,6 +26,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from . import amg_ops as ops
+from . import runtime
 from .model import Sam
 from .predictor import SamPredictor, as_rgb_uint8
 
@@ -126,6 +127,8 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         dev = model.device
+        if dev.type == "cpu":
+            runtime.tune_cpu_allocator()  # see sam.runtime; SAM_NO_MALLOPT=1 opts out
         self.batch_size = batch_size or (1024 if dev.type == "cuda" else 256)
         self.max_upsample_pixels = max_upsample_pixels or (
             1 << 30 if dev.type == "cuda" else 1 << 26

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from . import runtime
 from .model import Sam
 from .transforms import ResizeLongestSide
 
@@ -259,13 +260,32 @@ class SamPredictor:
         flat indices prompt * 3 + output, in that (the reference's) order."""
         pe = self.model.prompt_encoder
         dec = self.model.mask_decoder
+        n = point_coords.shape[0]
+        _, _, h, w = self.features.shape
+        # on the CPU a few prompts at a time: their image tokens stay small and reused
+        chunk = runtime.decoder_chunk(h * w, self.features.shape[1], self.features.device) or n
+        ious, lows, all_rows = [], [], []
         with self._autocast():
-            sparse, dense = pe(points=(point_coords, point_labels), boxes=None, masks=None)
-            tokens, src = dec.run_transformer(self.features, pe.get_dense_pe(), sparse, dense)
-            iou = dec.iou_prediction_head(tokens[:, 0])[:, 1:].float()
-            keep = iou > iou_thresh
-            rows = keep.any(dim=1).nonzero()[:, 0]
-            low = dec.upscale_masks(src[rows], tokens[rows], list(range(1, dec.num_mask_tokens)))
+            image_pe = pe.get_dense_pe()
+            for s in range(0, n, chunk):
+                sparse, dense = pe(
+                    points=(point_coords[s : s + chunk], point_labels[s : s + chunk]),
+                    boxes=None,
+                    masks=None,
+                )
+                tokens, src = dec.run_transformer(self.features, image_pe, sparse, dense)
+                iou = dec.iou_prediction_head(tokens[:, 0])[:, 1:].float()
+                rows = (iou > iou_thresh).any(dim=1).nonzero()[:, 0]
+                ious.append(iou)
+                all_rows.append(rows + s)
+                if len(rows):
+                    wanted = list(range(1, dec.num_mask_tokens))
+                    lows.append(dec.upscale_masks(src[rows], tokens[rows], wanted))
+                del tokens, src
+        iou = torch.cat(ious)
+        rows = torch.cat(all_rows)
+        keep = iou > iou_thresh
+        low = torch.cat(lows) if lows else iou.new_zeros(0, iou.shape[1], 4 * h, 4 * w)
         flat = keep[rows]
         n_out = iou.shape[1]
         index = (rows[:, None] * n_out + torch.arange(n_out, device=rows.device))[flat]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -240,3 +245,40 @@ def test_decoder_token_side_projections_equal_direct(dim, heads, n_points):
         for a, c in zip(*outs):
             assert torch.allclose(a, c, rtol=1e-10, atol=1e-10)
     assert attn.cheaper_on_token_side(5 + n_points + 1) == (heads * (5 + n_points + 1) < dim // 2)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_decode_above_is_independent_of_the_cpu_chunk(small_pair, monkeypatch, chunk):
+    """The CPU decodes a few prompts at a time; the result equals one pass over all."""
+    from sam import runtime
+
+    ours, _ = small_pair
+    pred = SamPredictor(ours)
+    pred.set_image(textured_image(70, 90, seed=3))
+    rng = np.random.default_rng(0)
+    pts = torch.as_tensor(rng.uniform(0, 60, (10, 1, 2)), dtype=torch.float)
+    lbl = torch.ones(10, 1, dtype=torch.int)
+    _, iou_all = pred.decode_low_res(pts, lbl)
+    thresh = float(iou_all.median())  # some prompts kept, some dropped
+    monkeypatch.setattr(runtime, "decoder_chunk", lambda *a: None)
+    whole = pred.decode_above(pts, lbl, thresh)
+    monkeypatch.setattr(runtime, "decoder_chunk", lambda *a: chunk)
+    parts = pred.decode_above(pts, lbl, thresh)
+    assert 0 < len(whole[1]) < iou_all.numel()
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_allocator_tuning_is_idempotent_and_can_be_refused():
+    code = "from sam import runtime; print(runtime.tune_cpu_allocator(), runtime.tune_cpu_allocator())"
+    env = dict(os.environ)
+    env.pop("SAM_NO_MALLOPT", None)
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    off = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "SAM_NO_MALLOPT": "1"}
+    )
+    assert off.stdout.split() == ["False", "False"]
+    first, second = on.stdout.split()
+    assert first == second  # True on glibc, False elsewhere; never raises
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert first == "True"
