@@ -134,10 +134,12 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
         extra = rng.choice(len(kinds), size=n_prompts - len(kinds), replace=True, p=p)
         chosen = np.concatenate([chosen, extra])
     n = len(chosen)
-    masks = scene.masks[chosen]
+    masks = scene.masks[chosen]  # views per prompt; targets are made once per instance
+    uniq, inverse = np.unique(chosen, return_inverse=True)
+    u = len(uniq)
 
     # low-res soft targets: area-resize to the model frame, pad, 4x4 average
-    stack = np.ascontiguousarray(masks.transpose(1, 2, 0).astype(np.float32))
+    stack = np.ascontiguousarray(scene.masks[uniq].transpose(1, 2, 0)).astype(np.float32)
     if (nh, nw) == (h, w):
         small = stack
     else:  # OpenCV's area resize takes at most 4 channels at a time
@@ -146,14 +148,14 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
                 cv2.resize(stack[..., c : c + 4], (nw, nh), interpolation=cv2.INTER_AREA).reshape(
                     nh, nw, -1
                 )
-                for c in range(0, n, 4)
+                for c in range(0, u, 4)
             ],
             axis=2,
         )
     low = image_size // 4
-    full = np.zeros((image_size, image_size, n), np.float32)
+    full = np.zeros((image_size, image_size, u), np.float32)
     full[:nh, :nw] = small
-    target = full.reshape(low, 4, low, 4, n).mean((1, 3)).transpose(2, 0, 1)
+    target = full.reshape(low, 4, low, 4, u).mean((1, 3)).transpose(2, 0, 1)[inverse]
 
     is_box = np.zeros(n, bool)
     coords = np.zeros((n, 2), np.float32)
