@@ -190,6 +190,8 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
 
 
 def _worker_init(_):
+    """Loader processes are spawned (a forked child can inherit OpenCV's or OpenMP's
+    thread pool mid-operation and hang); each generates scenes on one thread."""
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
@@ -482,6 +484,7 @@ def train(
         num_workers=workers,
         prefetch_factor=2 if workers else None,
         worker_init_fn=_worker_init if workers else None,
+        multiprocessing_context="spawn" if workers else None,
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )

@@ -148,7 +148,11 @@ def test_loader_workers_split_steps_in_order():
     args = (7, 3, 9, 2, 128, 4, data)  # seed, start, steps, batch, size, prompts, data
     serial = [[s["seed"] for s in b] for b in T.SceneStream(*args)]
     loader = torch.utils.data.DataLoader(
-        T.SceneStream(*args), batch_size=None, num_workers=2, worker_init_fn=T._worker_init
+        T.SceneStream(*args),
+        batch_size=None,
+        num_workers=2,
+        worker_init_fn=T._worker_init,
+        multiprocessing_context="spawn",
     )
     parallel = [[s["seed"] for s in b] for b in loader]
     want = [[T.scene_seed(7, step, i, 2) for i in range(2)] for step in range(3, 9)]
