@@ -5,7 +5,11 @@
 #
 # Every phase is capped so the whole script ends inside BUDGET_SECONDS (default 570);
 # logs and the trained checkpoint land in OUTDIR as each phase ends. The reference
-# package (for the side-by-side benchmarks) is installed from ./.whl when it is there.
+# package and pycocotools (for the side-by-side benchmarks) are installed from ./.whl
+# when it is there (git-ignored), for a machine with no package index:
+#   pip download --no-deps -d .whl segment_anything==1.0
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl pycocotools
 set -u
 OUTDIR=${1:?usage: gpu_session.sh OUTDIR [TRAIN_MINUTES] [BUDGET_SECONDS]}
 MINUTES=${2:-4.5}
