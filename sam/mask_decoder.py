@@ -243,7 +243,7 @@ class TwoWayTransformer(nn.Module):
     def token_side(self) -> bool:
         """Whether the cross-attentions project on the token side where that is cheaper
         (the default; exact up to float rounding). Set False for the direct evaluation."""
-        return self.layers[0].token_side if len(self.layers) else self._token_side
+        return self._token_side
 
     @token_side.setter
     def token_side(self, value: bool) -> None:

@@ -134,7 +134,7 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
         extra = rng.choice(len(kinds), size=n_prompts - len(kinds), replace=True, p=p)
         chosen = np.concatenate([chosen, extra])
     n = len(chosen)
-    masks = scene.masks[chosen]  # views per prompt; targets are made once per instance
+    # targets are made once per instance, then repeated for its prompts
     uniq, inverse = np.unique(chosen, return_inverse=True)
     u = len(uniq)
 
@@ -161,7 +161,7 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
     coords = np.zeros((n, 2), np.float32)
     boxes = np.zeros((n, 4), np.float32)
     for j, inst in enumerate(chosen):
-        m = masks[j]
+        m = scene.masks[inst]
         if kinds[inst] != "background" and rng.random() < 0.4:
             is_box[j] = True
             ys = np.flatnonzero(m.any(1))
@@ -174,8 +174,8 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
             boxes[j] = np.clip(b, 0, [nw, nh, nw, nh])
         else:
             flat = np.flatnonzero(m)
-            p = flat[int(rng.integers(len(flat)))]
-            py, px = divmod(int(p), m.shape[1])
+            pix = flat[int(rng.integers(len(flat)))]
+            py, px = divmod(int(pix), m.shape[1])
             coords[j] = [(px + 0.5) * scale_x, (py + 0.5) * scale_y]
     del scale
     return {
