@@ -12,10 +12,13 @@ Recipe (after the SAM paper, scaled down):
   prompt: a uniform interior point, or a jittered box (objects and parts only);
 * the mask loss (``--loss``: ``bce`` = BCE + dice, the default, which converges much
   faster in a short CPU run; ``focal`` = SAM's 20 * focal + dice) is taken on the
-  low-resolution logits against the ground truth averaged down to the same grid: the
-  best of the three multimask outputs for a point, the single output plus the best of
-  three for a box;
-* the IoU head regresses (MSE) the actual IoU of every predicted mask;
+  logits upsampled bilinearly against binary ground truth on a finer grid, as SAM does
+  at full resolution (``--target-scale 2``, the default: twice the logit grid; ``4``: the
+  model-input resolution; ``1`` compares the low-resolution logits with soft targets
+  averaged down to their grid, which is cheaper but leaves the logits flat near edges, so
+  stability scores stay low): the best of the three multimask outputs for a point, the
+  single output plus the best of three for a box;
+* the IoU head regresses (MSE) the actual IoU of every predicted mask at that resolution;
 * a fraction of point prompts get a second round: a correction point sampled from the
   error region plus the previous logits as ``mask_input``, trained on the single output.
 
@@ -91,8 +94,17 @@ def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
 # --------------------------------------------------------------------------- data
 
 
-def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -> dict:
-    """One training image with prompts and low-resolution targets (numpy only)."""
+def make_sample(
+    scene_seed_: int, image_size: int, n_prompts: int, data: dict, target_scale: int = 2
+) -> dict:
+    """One training image with prompts and targets (numpy only).
+
+    ``target_scale`` 1: soft targets on the low-resolution logit grid (the ground truth
+    averaged down, ``image_size // 4`` square, float); 2 or 4: binary targets on a grid
+    that many times finer (4: the model frame itself, like SAM's full-resolution loss),
+    bool."""
+    if target_scale not in (1, 2, 4):
+        raise ValueError(f"target_scale must be 1, 2 or 4, not {target_scale!r}")
     rng = np.random.default_rng(np.random.SeedSequence([scene_seed_, 0x7A1]))
     if rng.random() < data["p_native"]:
         long = image_size
@@ -138,7 +150,7 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
     uniq, inverse = np.unique(chosen, return_inverse=True)
     u = len(uniq)
 
-    # low-res soft targets: area-resize to the model frame, pad, 4x4 average
+    # targets: area-resize to the model frame, pad, then average down to the target grid
     stack = np.ascontiguousarray(scene.masks[uniq].transpose(1, 2, 0)).astype(np.float32)
     if (nh, nw) == (h, w):
         small = stack
@@ -152,10 +164,13 @@ def make_sample(scene_seed_: int, image_size: int, n_prompts: int, data: dict) -
             ],
             axis=2,
         )
-    low = image_size // 4
+    res = image_size // 4 * target_scale
+    f = image_size // res
     full = np.zeros((image_size, image_size, u), np.float32)
     full[:nh, :nw] = small
-    target = full.reshape(low, 4, low, 4, u).mean((1, 3)).transpose(2, 0, 1)[inverse]
+    grid = full.reshape(res, f, res, f, u).mean((1, 3)) if f > 1 else full
+    # soft on the logit grid; binary (the majority of each cell) on finer grids
+    target = (grid if target_scale == 1 else grid > 0.5).transpose(2, 0, 1)[inverse]
 
     is_box = np.zeros(n, bool)
     coords = np.zeros((n, 2), np.float32)
@@ -199,19 +214,21 @@ def _worker_init(_):
 class SceneStream(torch.utils.data.IterableDataset):
     """Batches for steps ``start..steps-1``; deterministic in (seed, step)."""
 
-    def __init__(self, seed, start, steps, batch, image_size, n_prompts, data):
+    def __init__(self, seed, start, steps, batch, image_size, n_prompts, data, target_scale=2):
         super().__init__()
-        self.args = (seed, start, steps, batch, image_size, n_prompts, data)
+        self.args = (seed, start, steps, batch, image_size, n_prompts, data, target_scale)
 
     def __iter__(self):
-        seed, start, steps, batch, image_size, n_prompts, data = self.args
+        seed, start, steps, batch, image_size, n_prompts, data, target_scale = self.args
         # with several loader workers, worker k makes steps k, k + n, ...; the loader
         # hands out their batches round-robin, so the order stays by step
         info = torch.utils.data.get_worker_info()
         first, stride = (0, 1) if info is None else (info.id, info.num_workers)
         for step in range(start + first, steps, stride):
             yield [
-                make_sample(scene_seed(seed, step, i, batch), image_size, n_prompts, data)
+                make_sample(
+                    scene_seed(seed, step, i, batch), image_size, n_prompts, data, target_scale
+                )
                 for i in range(batch)
             ]
 
@@ -284,6 +301,14 @@ def decode_all(model, emb, sparse, dense):
     return torch.cat([m1, m3], 1), torch.cat([i1, i3], 1)
 
 
+def to_target_grid(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Low-resolution logits bilinearly upsampled to the target's grid, as the predictor
+    upsamples them (unchanged when the grids agree)."""
+    if logits.shape[-2:] == target.shape[-2:]:
+        return logits
+    return F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def correction_points(prev, gt, fallback, generator):
     """One corrective click per mask, vectorised: a uniform pixel of the larger error
     region (false negatives -> positive click, false positives -> negative click), of the
@@ -343,7 +368,7 @@ def compute_loss(
     bx = torch.nonzero(is_box_cpu).flatten()
     order = torch.cat([pt, bx])
     target, coords, boxes = cat("target"), cat("coords"), cat("boxes")
-    tgt = target[order.to(device)][:, None]
+    tgt = target[order.to(device)][:, None].float()
     emb = emb_all[scene[order].to(device)]
 
     sparse_parts, dense = [], None
@@ -359,14 +384,32 @@ def compute_loss(
     sparse = torch.cat(sparse_parts)
     masks, iou_pred = decode_all(model, emb, sparse, dense[:1])
     masks = masks.float()
-    per = seg_loss(masks, tgt.expand_as(masks), loss)  # K x 4
-    multi = per[:, 1:].min(1)
+    scale = tgt.shape[-1] // masks.shape[-1]  # > 1: binary targets on a finer grid
     box_flag = torch.zeros(len(order), device=device)
     box_flag[len(pt) :] = 1.0
-    seg_terms = [multi.values + box_flag * per[:, 0]]
-    actual = mask_iou(masks.detach(), tgt.expand_as(masks))
+    if scale == 1:
+        per = seg_loss(masks, tgt.expand_as(masks), loss)  # K x 4
+        best = per[:, 1:].argmin(1) + 1
+        chosen, single = per.gather(1, best[:, None])[:, 0], per[:, 0]
+    else:
+        # the best of three is picked by the loss against the targets averaged down to
+        # the logit grid (cheap); only the chosen output (and a box's single output) is
+        # upsampled for the loss, which dominates the step's cost at full resolution
+        with torch.no_grad():
+            soft = F.avg_pool2d(tgt, scale)
+            best = seg_loss(masks[:, 1:], soft.expand_as(masks[:, 1:]), loss).argmin(1) + 1
+        rows = torch.arange(len(order), device=device)
+        chosen = seg_loss(to_target_grid(masks[rows, best][:, None], tgt), tgt, loss)[:, 0]
+        single = torch.zeros_like(chosen)
+        if len(bx):
+            b0 = len(pt)
+            single[b0:] = seg_loss(to_target_grid(masks[b0:, :1], tgt[b0:]), tgt[b0:], loss)[:, 0]
+    seg_terms = [chosen + box_flag * single]
+    with torch.no_grad():
+        up = to_target_grid(masks, tgt)
+        actual = mask_iou(up, tgt.expand_as(up))
+        del up
     iou_terms = [((iou_pred.float() - actual) ** 2).mean(1)]
-    best = multi.indices + 1
     best_iou = actual.gather(1, best[:, None])[:, 0]
 
     k = int(round(refine_frac * len(pt)))
@@ -375,7 +418,8 @@ def compute_loss(
         prev = masks[ridx, best[ridx]].detach()
         gen = torch.Generator(device=device)
         gen.manual_seed(int(rng.integers(2**62)))
-        new_pts, new_lbl = correction_points(prev, tgt[ridx, 0] > 0.5, p_coords[ridx, 0], gen)
+        gt_low = (F.avg_pool2d(tgt[ridx], scale) if scale > 1 else tgt[ridx])[:, 0] > 0.5
+        new_pts, new_lbl = correction_points(prev, gt_low, p_coords[ridx, 0], gen)
         pts2 = torch.stack([p_coords[ridx, 0], new_pts], 1)
         lbl2 = torch.stack([torch.ones_like(new_lbl), new_lbl], 1)
         with _fp32(dt):
@@ -384,8 +428,8 @@ def compute_loss(
             )
             pe = model.prompt_encoder.get_dense_pe()
         m2, i2 = model.mask_decoder(emb[ridx], pe, sparse2, dense2, multimask_output=False)
-        m2 = m2.float()
         t2 = tgt[ridx]
+        m2 = to_target_grid(m2.float(), t2)
         seg_terms.append(seg_loss(m2, t2, loss)[:, 0])
         act2 = mask_iou(m2.detach(), t2)
         iou_terms.append(((i2.float() - act2) ** 2)[:, 0])
@@ -437,6 +481,7 @@ def train(
     command: str | None = None,
     loss: str = "bce",
     device: str | None = None,
+    target_scale: int = 2,
     init: str | None = None,
 ) -> dict:
     """Train and write ``out`` (state dict) plus ``out`` with ``.json`` (metadata)."""
@@ -477,7 +522,9 @@ def train(
         log.info("resumed at step %d (%.1f min trained)", start, elapsed / 60)
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0FFEE, start]))
-    stream = SceneStream(seed, start, steps, batch, cfg["image_size"], prompts, data)
+    stream = SceneStream(
+        seed, start, steps, batch, cfg["image_size"], prompts, data, target_scale
+    )
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,
@@ -596,6 +643,10 @@ def train(
         "refine_frac": refine_frac,
         "loss": {
             "kind": loss,
+            "target_scale": target_scale,
+            "targets": "soft, on the low-resolution logit grid"
+            if target_scale == 1
+            else f"binary, {target_scale}x finer than the logits (upsampled bilinearly)",
             "terms": "focal: 20*focal + dice; bce: BCE + dice. On the best of 3 multimask "
             "logits (points), plus the single output (boxes, refinement round); MSE of "
             "predicted vs actual IoU for every output",
@@ -668,6 +719,16 @@ def main(argv=None):
     )
     p.add_argument("--data", default=None, help="JSON overriding scene-generator parameters")
     p.add_argument("--loss", choices=["bce", "focal"], default="bce", help="see seg_loss")
+    p.add_argument(
+        "--target-scale",
+        type=int,
+        choices=[1, 2, 4],
+        default=2,
+        help="2 (default) or 4: binary targets on a grid 2x or 4x finer than the logits "
+        "(4: the model-input resolution), logits upsampled as the predictor does, so they "
+        "turn sharp at edges and stability scores behave as SAM's; 1: soft targets on the "
+        "low-resolution logit grid (cheapest, but flat logits)",
+    )
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -699,6 +760,7 @@ def main(argv=None):
         max_minutes=a.max_minutes,
         device=a.device,
         init=a.init,
+        target_scale=a.target_scale,
         command="python -m sam.train " + " ".join(sys.argv[1:] if argv is None else argv),
     )
 

@@ -54,20 +54,23 @@ def test_scene_seeds_never_reach_held_out_range():
     assert len(set(seeds)) == len(seeds)
 
 
-def test_sample_targets_and_prompts_match_the_scene():
-    data = {**T.DEFAULT_DATA, **SMALL_DATA}
-    s = T.make_sample(T.scene_seed(0, 0, 0, 1), 128, 6, data)
-    tgt = s["target"]
-    assert tgt.shape[1:] == (32, 32) and 0 <= float(tgt.min()) and float(tgt.max()) <= 1
-    scene = T.make_scene(
-        s["seed"],
-        *s["valid"],
+def _scene_of(sample, data):
+    return T.make_scene(
+        sample["seed"],
+        *sample["valid"],
         **{k: data[k] for k in ("max_objects", "min_objects", "parts_prob")},
         max_background_regions=data["max_background_regions"],
         min_size=data["min_size"],
         max_size=data["max_size"],
     )
-    areas = set(scene.areas().tolist())
+
+
+def test_sample_targets_and_prompts_match_the_scene():
+    data = {**T.DEFAULT_DATA, **SMALL_DATA}
+    s = T.make_sample(T.scene_seed(0, 0, 0, 1), 128, 6, data, target_scale=1)
+    tgt = s["target"]
+    assert tgt.shape[1:] == (32, 32) and 0 <= float(tgt.min()) and float(tgt.max()) <= 1
+    areas = set(_scene_of(s, data).areas().tolist())
     for j in range(len(tgt)):
         # at native size the low-res target is an exact 4x4 average: area is preserved
         area = round(float(tgt[j].sum()) * 16)
@@ -75,6 +78,55 @@ def test_sample_targets_and_prompts_match_the_scene():
         if not s["is_box"][j]:
             x, y = s["coords"][j].tolist()
             assert tgt[j, int(y) // 4, int(x) // 4] > 0, "the point lies on its target"
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_binary_targets_on_a_finer_grid(scale):
+    data = {**T.DEFAULT_DATA, **SMALL_DATA}
+    seed = T.scene_seed(0, 0, 0, 1)
+    s = T.make_sample(seed, 128, 6, data, target_scale=scale)
+    soft = T.make_sample(seed, 128, 6, data, target_scale=1)["target"]
+    tgt = s["target"]
+    assert tgt.dtype == torch.bool and tgt.shape[1:] == (32 * scale, 32 * scale)
+    scene = _scene_of(s, data)
+    h, w = s["valid"]
+    f = 4 // scale
+    for j in range(len(tgt)):
+        # at native size: the majority vote of each f x f block of one instance's mask
+        padded = np.zeros((128, 128), bool)
+        hits = []
+        for m in scene.masks:
+            padded[:h, :w] = m
+            blocks = padded.reshape(32 * scale, f, 32 * scale, f).mean((1, 3)) > 0.5
+            hits.append(np.array_equal(blocks, tgt[j].numpy()))
+        assert sum(hits) >= 1
+        # the same instance as the soft target: averaged down, they agree
+        down = tgt[j].float().reshape(32, scale, 32, scale).mean((1, 3))
+        assert float((down - soft[j]).abs().max()) <= 0.5 + 1e-6
+        if not s["is_box"][j]:
+            x, y = s["coords"][j].tolist()
+            assert tgt[j, int(y * scale / 4), int(x * scale / 4)], "the point lies on its target"
+    with pytest.raises(ValueError, match="target_scale"):
+        T.make_sample(seed, 128, 6, data, target_scale=3)
+
+
+def test_fine_targets_compare_upsampled_logits():
+    """With binary targets 4x finer, the loss and IoU are taken on the logits upsampled
+    the way the predictor upsamples them (bilinear, half-pixel centres)."""
+    logits = torch.zeros(1, 1, 8, 8) - 6.0
+    logits[..., 2:6, 2:6] = 6.0
+    up = T.to_target_grid(logits, torch.zeros(1, 1, 32, 32))
+    want = torch.nn.functional.interpolate(logits, (32, 32), mode="bilinear", align_corners=False)
+    assert torch.equal(up, want)
+    assert T.to_target_grid(logits, torch.zeros(1, 1, 8, 8)) is logits
+    hard = torch.zeros(1, 1, 32, 32)
+    hard[..., 8:24, 8:24] = 1.0
+    # hand-computed: along an edge the zero crossing falls exactly on the block's border
+    # (pixel 7 -> -1.5, pixel 8 -> +1.5); at the 4 corners -6 + 12 * 0.625**2 < 0
+    assert float(T.mask_iou(up, hard)) == pytest.approx(252 / 256)
+    loss_up = T.seg_loss(up, hard)
+    loss_sharper = T.seg_loss(up * 4, hard)  # same zero crossings, steeper edges
+    assert float(loss_sharper) < float(loss_up)
 
 
 def _fixed_loss(model, seeds):
