@@ -11,7 +11,8 @@ Scenes come from ``sam.scenes.make_scene`` with seeds below ``sam.train.TRAIN_SE
   against the ground truth at full resolution;
 * box mIoU: the same with the tight box of the instance as the prompt (best of three,
   and the single-output mask);
-* the predicted-IoU error of the chosen masks, and background regions separately;
+* the predicted-IoU error and the stability score of the chosen masks, and background
+  regions separately;
 * grid: distinct confident masks over a 16x16 point grid on the first scene;
 * AMG recall (``--amg``): recall of ground-truth objects at IoU 0.5 and 0.75 by
   ``sam.SamAutomaticMaskGenerator`` (see :func:`amg_recall`).
@@ -74,9 +75,11 @@ def stability_score(logits: torch.Tensor, threshold: float = 0.0, offset: float 
 
 
 def prompt_ious(predictor, scene, indices, mode: str, batch: int = 16) -> dict:
-    """Per instance: best-of-3 IoU, single-output IoU and predicted IoU of the best."""
+    """Per instance: best-of-3 IoU, single-output IoU, and the predicted-IoU error and
+    stability score (SAM's, offset 1) of the best of three."""
     gt = torch.from_numpy(scene.masks)
-    best, single, pred_err = [], [], []
+    best, single, pred_err, stab = [], [], [], []
+    thr = predictor.model.mask_threshold
     tf = predictor.transform
     size = (scene.height, scene.width)
     for s in range(0, len(indices), batch):
@@ -93,14 +96,16 @@ def prompt_ious(predictor, scene, indices, mode: str, batch: int = 16) -> dict:
                 "point_labels": None,
                 "boxes": torch.as_tensor(tf.apply_boxes(boxes, size), dtype=torch.float),
             }
-        m3, i3, _ = predictor.predict_torch(**kw, multimask_output=True)
+        l3, i3, _ = predictor.predict_torch(**kw, multimask_output=True, return_logits=True)
+        m3 = l3 > thr
         ious3 = torch.stack([iou(m3[j], gt[i]) for j, i in enumerate(idx)])  # B x 3
         b = ious3.argmax(1)
         best += ious3.max(1).values.tolist()
         pred_err += (i3.gather(1, b[:, None])[:, 0] - ious3.max(1).values).abs().tolist()
+        stab += stability_score(l3[torch.arange(len(idx)), b], thr).tolist()
         m1, _, _ = predictor.predict_torch(**kw, multimask_output=False)
         single += [float(iou(m1[j, 0], gt[i])) for j, i in enumerate(idx)]
-    return {"best": best, "single": single, "pred_err": pred_err}
+    return {"best": best, "single": single, "pred_err": pred_err, "stability": stab}
 
 
 def grid_distinct_masks(predictor, n: int = 16, iou_thresh=0.88, stab_thresh=0.95, dedup=0.7):
@@ -192,7 +197,10 @@ def evaluate(
     from sam import SamPredictor
 
     predictor = SamPredictor(model)
-    acc = {k: {"best": [], "single": [], "pred_err": []} for k in ("point", "box", "bg_point")}
+    acc = {
+        k: {"best": [], "single": [], "pred_err": [], "stability": []}
+        for k in ("point", "box", "bg_point")
+    }
     scenes = []
     t0 = time.perf_counter()
     grid_count = grid_relaxed = grid_loose = None
@@ -225,6 +233,8 @@ def evaluate(
         "box_miou": float(np.mean(acc["box"]["best"])),
         "box_miou_single": float(np.mean(acc["box"]["single"])),
         "point_pred_iou_mae": float(np.mean(acc["point"]["pred_err"])),
+        "point_stability_median": float(np.median(acc["point"]["stability"])),
+        "point_stable_frac": float(np.mean(np.array(acc["point"]["stability"]) >= 0.95)),
         "background_point_miou": float(np.mean(acc["bg_point"]["best"])),
         "grid16_distinct_masks_scene0": grid_count,
         "grid16_distinct_masks_scene0_relaxed": grid_relaxed,
@@ -288,6 +298,10 @@ def main(argv=None):
         f"box   mIoU (best of 3): {res['box_miou']:.4f}   single output: {res['box_miou_single']:.4f}"
     )
     print(f"predicted-IoU abs error (point, chosen mask): {res['point_pred_iou_mae']:.4f}")
+    print(
+        f"stability score (point, chosen mask): median {res['point_stability_median']:.4f}, "
+        f"{res['point_stable_frac']:.1%} at >= 0.95 (SAM's default filter)"
+    )
     print(f"background-region point mIoU: {res['background_point_miou']:.4f}")
     if res["grid16_distinct_masks_scene0"] is not None:
         print(
