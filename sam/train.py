@@ -648,8 +648,9 @@ def train(
             if target_scale == 1
             else f"binary, {target_scale}x finer than the logits (upsampled bilinearly)",
             "terms": "focal: 20*focal + dice; bce: BCE + dice. On the best of 3 multimask "
-            "logits (points), plus the single output (boxes, refinement round); MSE of "
-            "predicted vs actual IoU for every output",
+            "logits (points), plus the single output (boxes, refinement round); with "
+            "target_scale > 1 the best is picked against the targets averaged down to the "
+            "logit grid; MSE of predicted vs actual IoU for every output",
         },
         "bf16_autocast": bf16,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
