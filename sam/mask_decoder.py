@@ -121,6 +121,14 @@ class Attention(nn.Module):
     def cheaper_on_token_side(self, n_tokens: int) -> bool:
         return self.num_heads * n_tokens < self.internal_dim
 
+    def token_to_image(self, q, k, v, token_side: bool) -> torch.Tensor:
+        """forward(q, k, v) for tokens attending image tokens, on the token side when
+        allowed and cheaper; a shared image (batch 1) is instead projected once and
+        broadcast over the prompts."""
+        if token_side and k.shape[0] > 1 and self.cheaper_on_token_side(q.shape[1]):
+            return self.tokens_to_image(q, k, v)
+        return self(q, k, v)
+
 
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, token->image, token MLP, image->token."""
@@ -166,11 +174,7 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe
-        t2i = self.cross_attn_token_to_image
-        if self.token_side and keys.shape[0] > 1 and t2i.cheaper_on_token_side(q.shape[1]):
-            attn = t2i.tokens_to_image(q, k, keys)
-        else:  # a shared image (batch 1) is projected once, broadcast over the prompts
-            attn = t2i(q, k, keys)
+        attn = self.cross_attn_token_to_image.token_to_image(q, k, keys, self.token_side)
         queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
@@ -231,11 +235,7 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         q = queries + point_embedding
         k = keys + key_pe
-        final = self.final_attn_token_to_image
-        if self.token_side and keys.shape[0] > 1 and final.cheaper_on_token_side(q.shape[1]):
-            attn = final.tokens_to_image(q, k, keys)
-        else:
-            attn = final(q, k, keys)
+        attn = self.final_attn_token_to_image.token_to_image(q, k, keys, self.token_side)
         queries = self.norm_final_attn(queries + attn)
         return queries, keys
 

@@ -387,6 +387,7 @@ def compute_loss(
     scale = tgt.shape[-1] // masks.shape[-1]  # > 1: binary targets on a finer grid
     box_flag = torch.zeros(len(order), device=device)
     box_flag[len(pt) :] = 1.0
+    soft = F.avg_pool2d(tgt, scale) if scale > 1 else tgt  # the targets on the logit grid
     if scale == 1:
         per = seg_loss(masks, tgt.expand_as(masks), loss)  # K x 4
         best = per[:, 1:].argmin(1) + 1
@@ -396,7 +397,6 @@ def compute_loss(
         # the logit grid (cheap); only the chosen output (and a box's single output) is
         # upsampled for the loss, which dominates the step's cost at full resolution
         with torch.no_grad():
-            soft = F.avg_pool2d(tgt, scale)
             best = seg_loss(masks[:, 1:], soft.expand_as(masks[:, 1:]), loss).argmin(1) + 1
         rows = torch.arange(len(order), device=device)
         chosen = seg_loss(to_target_grid(masks[rows, best][:, None], tgt), tgt, loss)[:, 0]
@@ -418,8 +418,7 @@ def compute_loss(
         prev = masks[ridx, best[ridx]].detach()
         gen = torch.Generator(device=device)
         gen.manual_seed(int(rng.integers(2**62)))
-        gt_low = (F.avg_pool2d(tgt[ridx], scale) if scale > 1 else tgt[ridx])[:, 0] > 0.5
-        new_pts, new_lbl = correction_points(prev, gt_low, p_coords[ridx, 0], gen)
+        new_pts, new_lbl = correction_points(prev, soft[ridx, 0] > 0.5, p_coords[ridx, 0], gen)
         pts2 = torch.stack([p_coords[ridx, 0], new_pts], 1)
         lbl2 = torch.stack([torch.ones_like(new_lbl), new_lbl], 1)
         with _fp32(dt):
