@@ -214,8 +214,16 @@ def test_vit_b_parity(tmp_path):
     assert agreement(o[0], r[0]) >= 0.9999
 
 
-@pytest.mark.parametrize("dim,heads,n_points", [(256, 8, 1), (128, 4, 3), (256, 8, 12)])
-def test_decoder_token_side_projections_equal_direct(dim, heads, n_points):
+# token-side use, by hand: T = 5 output tokens + n_points + 1 (padding point); the token
+# side is cheaper when heads * T < dim / 2 (the attention's internal width): 8 * 7 = 56 < 128,
+# 4 * 9 = 36 < 64, but 8 * 18 = 144 >= 128
+@pytest.mark.parametrize(
+    "dim,heads,n_points,token_side_used",
+    [(256, 8, 1, True), (128, 4, 3, True), (256, 8, 12, False)],
+)
+def test_decoder_token_side_projections_equal_direct(
+    dim, heads, n_points, token_side_used, monkeypatch
+):
     """The decoder's cross-attentions evaluated with the projections moved to the token
     side (associativity, softmax shift invariance) are the same functions: in float64 they
     agree with the direct evaluation to rounding, for a shared image and for one image
@@ -235,16 +243,27 @@ def test_decoder_token_side_projections_equal_direct(dim, heads, n_points):
     pe = torch.randn(1, dim, side, side, dtype=torch.float64)
     sparse = torch.randn(b, n_points + 1, dim, dtype=torch.float64)
     dense = torch.randn(1, dim, 1, 1, dtype=torch.float64).expand(b, dim, side, side)
-    attn = dec.transformer.layers[0].cross_attn_image_to_token
-    for emb in (image, image.expand(b, -1, -1, -1) + 0.1 * torch.randn(b, dim, side, side, dtype=torch.float64)):
+    from sam.mask_decoder import Attention
+
+    calls = []
+    direct = Attention.tokens_to_image
+    monkeypatch.setattr(
+        Attention, "tokens_to_image", lambda self, *a: calls.append(1) or direct(self, *a)
+    )
+    per_prompt = image.expand(b, -1, -1, -1) + 0.1 * torch.randn(b, dim, side, side, dtype=torch.float64)
+    for emb in (image, per_prompt):
         outs = []
         for token_side in (False, True):
             dec.transformer.token_side = token_side
+            calls.clear()
             with torch.no_grad():
                 outs.append(dec.predict_masks(emb, pe, sparse, dense))
+        # token->image attentions: 2 blocks + the final one; a shared image stays at batch
+        # 1 (projected once) through the first block only, then each prompt has its own
+        expected = (3 if emb is per_prompt else 2) if token_side_used else 0
+        assert len(calls) == expected
         for a, c in zip(*outs):
             assert torch.allclose(a, c, rtol=1e-10, atol=1e-10)
-    assert attn.cheaper_on_token_side(5 + n_points + 1) == (heads * (5 + n_points + 1) < dim // 2)
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
