@@ -2,6 +2,7 @@
 
     python -m bench.quality                      # the bundled tiny model, 24 scenes
     python -m bench.quality --checkpoint x.pth --model tiny --scenes 50 --amg
+    python -m bench.quality --picture worst.png  # the worst point prompts, drawn
 
 Scenes come from ``sam.scenes.make_scene`` with seeds below ``sam.train.TRAIN_SEED_BASE``
 (never used in training), up to 12 objects, sides drawn in [512, 1024] px.  Printed:
@@ -13,6 +14,8 @@ Scenes come from ``sam.scenes.make_scene`` with seeds below ``sam.train.TRAIN_SE
   and the single-output mask);
 * the predicted-IoU error and the stability score of the chosen masks, and background
   regions separately;
+* the same mIoUs by shape (ellipse, polygon, star, ring, bar, rect, blob) and by size
+  (share of the image's area), which show where the model fails;
 * grid: distinct confident masks over a 16x16 point grid on the first scene;
 * AMG recall (``--amg``): recall of ground-truth objects at IoU 0.5 and 0.75 by
   ``sam.SamAutomaticMaskGenerator`` (see :func:`amg_recall`).
@@ -137,6 +140,83 @@ def grid_distinct_masks(predictor, n: int = 16, iou_thresh=0.88, stab_thresh=0.9
     return torch.stack(kept) if kept else masks[:0]
 
 
+# --------------------------------------------------------------------------- breakdown
+
+SIZE_BUCKETS = ((0.0, 0.01, "< 1%"), (0.01, 0.05, "1-5%"), (0.05, 1.01, ">= 5%"))
+
+
+def breakdown(instances: list[dict]) -> dict:
+    """Point and box mIoU of ``instances`` (dicts with ``shape``, ``area`` as a share of
+    the image, ``point`` and ``box`` IoUs) by shape and by size bucket."""
+
+    def summary(rows):
+        return {
+            "n": len(rows),
+            "point": float(np.mean([r["point"] for r in rows])),
+            "box": float(np.mean([r["box"] for r in rows])),
+        }
+
+    by_shape = {}
+    for shape in sorted({r["shape"] for r in instances}):
+        by_shape[shape] = summary([r for r in instances if r["shape"] == shape])
+    by_size = {}
+    for lo, hi, label in SIZE_BUCKETS:
+        rows = [r for r in instances if lo <= r["area"] < hi]
+        if rows:
+            by_size[label] = summary(rows)
+    return {"by_shape": by_shape, "by_size": by_size}
+
+
+def draw_worst(model, instances: list[dict], path: str, n: int = 12, scene_args=()) -> None:
+    """A picture of the ``n`` worst point prompts: for each, the crop around the object
+    and, beside it, the chosen mask (red), the ground truth's outline (green) and the
+    point (yellow)."""
+    from sam import SamPredictor
+
+    if not instances:
+        raise ValueError("no instances to draw")
+    predictor = SamPredictor(model)
+    worst = sorted(instances, key=lambda r: r["point"])[:n]
+    tiles, current = [], None
+    for r in sorted(worst, key=lambda r: r["seed"]):
+        if current is None or current.seed != r["seed"]:
+            current = eval_scene(r["seed"], *scene_args)
+            predictor.set_image(current.image)
+        gt = current.masks[r["index"]]
+        x, y = interior_point(gt)
+        masks, _, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
+        inter = (masks & gt).sum((1, 2))
+        union = (masks | gt).sum((1, 2))
+        mask = masks[int(np.argmax(inter / np.maximum(union, 1)))]
+        ys, xs = np.nonzero(gt | mask)
+        cy, cx = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
+        half = max(ys.max() - ys.min(), xs.max() - xs.min()) // 2 + 24
+        y0, x0 = max(0, cy - half), max(0, cx - half)
+        y1, x1 = cy + half + 1, cx + half + 1
+        crop = current.image[y0:y1, x0:x1]
+        over = crop.astype(np.float32)
+        m = mask[y0:y1, x0:x1]
+        over[m] = 0.45 * over[m] + 0.55 * np.array([255, 0, 0])
+        over = np.ascontiguousarray(over.astype(np.uint8))
+        contours, _ = cv2.findContours(
+            gt[y0:y1, x0:x1].astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE
+        )
+        cv2.drawContours(over, contours, -1, (0, 255, 0), 1)
+        cv2.circle(over, (int(x) - x0, int(y) - y0), 3, (255, 255, 0), -1)
+        tile = cv2.resize(
+            np.concatenate([crop, over], 1), (384, 192), interpolation=cv2.INTER_NEAREST
+        )
+        label = f"seed {r['seed']} #{r['index']} {r['shape']} IoU {r['point']:.2f}"
+        cv2.putText(tile, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
+        tiles.append(tile)
+    cols = 2
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[i : i + cols], 1) for i in range(0, len(tiles), cols)]
+    if not cv2.imwrite(path, np.concatenate(rows, 0)[..., ::-1]):
+        raise OSError(f"could not write {path}")
+
+
 # --------------------------------------------------------------------------- AMG hook
 
 
@@ -193,7 +273,11 @@ def evaluate(
     amg=False,
     grid=16,
     amg_scenes=8,
+    detail: list | None = None,
 ) -> dict:
+    """The figures above on ``n_scenes`` held-out scenes; ``detail``, if given, receives
+    one dict per object and part (scene seed, index, shape, area share, point and box
+    IoU)."""
     from sam import SamPredictor
 
     predictor = SamPredictor(model)
@@ -201,7 +285,7 @@ def evaluate(
         k: {"best": [], "single": [], "pred_err": [], "stability": []}
         for k in ("point", "box", "bg_point")
     }
-    scenes = []
+    scenes, instances = [], []
     t0 = time.perf_counter()
     grid_count = grid_relaxed = grid_loose = None
     for k in range(n_scenes):
@@ -218,6 +302,21 @@ def evaluate(
             r = prompt_ious(predictor, scene, idx, mode)
             for f in r:
                 acc[key][f] += r[f]
+            if key == "point":
+                point_ious = r["best"]
+            elif key == "box":
+                area = scene.areas() / (scene.height * scene.width)
+                instances += [
+                    {
+                        "seed": seed_base + k,
+                        "index": int(i),
+                        "shape": scene.shapes[i],
+                        "area": float(area[i]),
+                        "point": p,
+                        "box": b,
+                    }
+                    for i, p, b in zip(fg, point_ious, r["best"])
+                ]
         if k == 0 and grid:
             grid_count = len(grid_distinct_masks(predictor, grid))
             grid_relaxed = len(grid_distinct_masks(predictor, grid, 0.5, 0.8))
@@ -239,8 +338,11 @@ def evaluate(
         "grid16_distinct_masks_scene0": grid_count,
         "grid16_distinct_masks_scene0_relaxed": grid_relaxed,
         "grid16_distinct_masks_scene0_loose": grid_loose,
+        **breakdown(instances),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    if detail is not None:
+        detail += instances
     if amg:
         res["amg"] = amg_recall(model, scenes[:amg_scenes])
         res["amg_loose"] = amg_recall(
@@ -266,6 +368,8 @@ def main(argv=None):
     p.add_argument("--amg", action="store_true", help="also AMG recall@0.5/0.75")
     p.add_argument("--amg-scenes", type=int, default=8, help="scenes for the AMG recall")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--picture", default=None, help="draw the worst point prompts into this PNG")
+    p.add_argument("--worst", type=int, default=12, help="how many the picture shows")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
         "--record",
@@ -276,6 +380,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     model = load_model(a.model, a.checkpoint)
+    detail: list[dict] = []
     res = evaluate(
         model,
         a.scenes,
@@ -286,6 +391,7 @@ def main(argv=None):
         a.amg,
         a.grid,
         a.amg_scenes,
+        detail=detail,
     )
     print(
         f"held-out scenes: {res['scenes']} (seeds {res['seeds'][0]}..{res['seeds'][1]}), "
@@ -303,6 +409,10 @@ def main(argv=None):
         f"{res['point_stable_frac']:.1%} at >= 0.95 (SAM's default filter)"
     )
     print(f"background-region point mIoU: {res['background_point_miou']:.4f}")
+    for key, title in (("by_shape", "shape"), ("by_size", "share of the image")):
+        print(f"  by {title}:")
+        for name, r in res[key].items():
+            print(f"    {name:<8} n={r['n']:<4d} point {r['point']:.3f}   box {r['box']:.3f}")
     if res["grid16_distinct_masks_scene0"] is not None:
         print(
             f"distinct confident masks, {a.grid}x{a.grid} grid, scene 0: "
@@ -321,6 +431,9 @@ def main(argv=None):
                 f"recall@0.75: {r['recall@0.75']:.4f}  masks/image: {r['masks_per_image']:.1f}  "
                 f"s/image: {r['seconds_per_image']:.2f}"
             )
+    if a.picture:
+        draw_worst(model, detail, a.picture, a.worst, (a.min_side, a.max_side, a.max_objects))
+        print(f"the {min(a.worst, len(detail))} worst point prompts: {a.picture}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

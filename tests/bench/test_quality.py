@@ -1,0 +1,46 @@
+"""The quality yardstick's breakdown and its picture of the worst prompts."""
+
+import cv2
+import pytest
+
+from bench.quality import breakdown, draw_worst, eval_scene
+
+
+def test_breakdown_by_shape_and_size_hand_computed():
+    rows = [
+        {"shape": "bar", "area": 0.002, "point": 0.2, "box": 0.4},
+        {"shape": "bar", "area": 0.01, "point": 0.6, "box": 0.8},  # 1% is in "1-5%"
+        {"shape": "ring", "area": 0.3, "point": 0.9, "box": 1.0},
+    ]
+    out = breakdown(rows)
+    assert out["by_shape"]["bar"] == pytest.approx({"n": 2, "point": 0.4, "box": 0.6})
+    assert out["by_shape"]["ring"] == pytest.approx({"n": 1, "point": 0.9, "box": 1.0})
+    assert list(out["by_size"]) == ["< 1%", "1-5%", ">= 5%"]
+    assert out["by_size"]["< 1%"] == pytest.approx({"n": 1, "point": 0.2, "box": 0.4})
+    assert out["by_size"]["1-5%"]["n"] == 1 and out["by_size"][">= 5%"]["n"] == 1
+
+
+def test_picture_of_the_worst_prompts(tmp_path):
+    from sam import sam_model_registry
+
+    scene = eval_scene(1000)
+    fg = scene.indices("object", "part")
+    # made-up IoUs: the picture must show the three lowest, in tiles of 384 x 192
+    rows = [
+        {"seed": 1000, "index": int(i), "shape": scene.shapes[i], "point": 0.1 * j, "box": 0.0}
+        for j, i in enumerate(fg)
+    ]
+    path = str(tmp_path / "worst.png")
+    draw_worst(sam_model_registry["tiny"](), rows, path, n=3)
+    img = cv2.imread(path)
+    assert img.shape == (2 * 192, 2 * 384, 3)  # 3 tiles, padded to 2 x 2
+    assert img[192:, 384:].max() == 0  # the padding tile
+    assert img[:192].std() > 10  # drawn, not blank
+    # the overlay half of the first tile has the ground truth's outline in pure green
+    over = img[:192, 192:384].reshape(-1, 3)
+    assert ((over == [0, 255, 0]).all(1)).any()
+
+
+def test_picture_needs_instances(tmp_path):
+    with pytest.raises(ValueError, match="no instances"):
+        draw_worst(None, [], str(tmp_path / "x.png"))
