@@ -307,6 +307,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 def status_main(argv: Sequence[str]) -> int:
+    from pipeline.io import scrub
     from pipeline.manifest import RunConflictError, format_status, run_status
 
     args = build_status_parser().parse_args(argv)
@@ -314,7 +315,7 @@ def status_main(argv: Sequence[str]) -> int:
     try:
         st = run_status(args.output)
     except (RunConflictError, OSError) as e:
-        print(f"sa1b-generate status: {e}", file=sys.stderr)
+        print(f"sa1b-generate status: {scrub(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     if not st.started:
         print(format_status(st), file=sys.stderr)
@@ -331,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
 
     from pipeline.driver import ConfigError, WorkerStartError, run_generation
+    from pipeline.io import scrub
     from pipeline.manifest import RunConflictError
     from pipeline.plan import InputError
     from sam.checkpoint import CheckpointError
@@ -338,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run_generation(config_from_args(args))
     except (ConfigError, InputError, RunConflictError, CheckpointError, WorkerStartError) as e:
-        print(f"sa1b-generate: {e}", file=sys.stderr)
+        print(f"sa1b-generate: {scrub(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sa1b-generate: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -21,7 +21,6 @@ import io
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -35,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_write, join, open_url, redact
+from pipeline.io import atomic_write, join, open_url, redact, scrub
 from pipeline.manifest import retry_io, write_marker
 from pipeline.parquet_index import IndexPartBuilder, write_index_part
 from pipeline.sa1b_writer import ShardWriter, write_image_json
@@ -123,14 +122,6 @@ class _ImageFailure(Exception):
 # ----------------------------------------------------------------------------- images
 
 
-_SIGNED = re.compile(r"(\w+://[^\s?'\"]+)\?[^\s'\"]*")
-
-
-def _scrub(text: str) -> str:
-    """``text`` without URL query strings (signed URLs carry secrets there)."""
-    return _SIGNED.sub(r"\1", text)
-
-
 def _read_bytes(uri: str, limit: int) -> bytes:
     def read() -> bytes:
         with open_url(uri) as f:
@@ -200,7 +191,7 @@ def load_image(
         arr, jpeg = _decode(data, max_image_pixels, jpeg_quality)
         return _Loaded(image_id, uri, arr, jpeg)
     except _ImageFailure as e:
-        return _Loaded(image_id, uri, status=e.status, reason=_scrub(e.reason))
+        return _Loaded(image_id, uri, status=e.status, reason=scrub(e.reason))
 
 
 def _ordered(
@@ -580,7 +571,7 @@ class ShardProcessor:
                 return sum(self._generate([it]) for it in ok)
             self._free_device_memory()
             it = ok[0]
-            it.status, it.reason = "error", _scrub(f"generator: {type(e).__name__}: {e}")
+            it.status, it.reason = "error", scrub(f"generator: {type(e).__name__}: {e}")
             log.warning("image %d (%s): %s", it.image_id, redact(it.uri), it.reason)
             return 1
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io import atomic_write, basename, exists, join, redact
+from pipeline.io import atomic_write, basename, exists, join, redact, scrub
 from pipeline.sa1b_reader import (
     CorruptShardError,
     RecordError,
@@ -101,7 +101,7 @@ def _index_one(url: str, out: str, opts: dict[str, Any]) -> dict[str, Any]:
     try:
         return index_shard(url, out, **opts).as_dict()
     except (ShardFormatError, OSError) as e:
-        return {"shard": redact(url), "complete": False, "error": str(e), "fatal": True}
+        return {"shard": redact(url), "complete": False, "error": scrub(str(e)), "fatal": True}
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -609,16 +609,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as e:
-        log.error("%s", e)
+        log.error("%s", scrub(str(e)))
         return EXIT_USAGE
     except ShardFormatError as e:
-        log.error("%s", e)
+        log.error("%s", scrub(str(e)))
         return EXIT_USAGE
     except FileNotFoundError as e:
-        log.error("%s: no such file", redact(str(e.filename or e)))
+        log.error("%s: no such file", scrub(redact(str(e.filename or e))))
         return EXIT_USAGE
     except (CorruptShardError, RecordError, ValueError) as e:
-        log.error("%s", e)
+        log.error("%s", scrub(str(e)))
         return EXIT_PROBLEMS
     except KeyboardInterrupt:
         log.error("interrupted")

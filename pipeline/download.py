@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.io import open_url, redact
+from pipeline.io import describe, open_url, redact
 
 __all__ = [
     "DownloadError",
@@ -202,5 +202,5 @@ def download_all(
             except DownloadError as e:
                 errors.append((futs[fut], str(e)))
             except OSError as e:
-                errors.append((futs[fut], f"{type(e).__name__}: {e}"))
+                errors.append((futs[fut], describe(e)))
     return sorted(results, key=lambda r: r.name), sorted(errors)

@@ -36,7 +36,7 @@ from pipeline.actors import (
     progress_actor_class,
     worker_actor_class,
 )
-from pipeline.io import join, open_url, redact
+from pipeline.io import describe, join, open_url, redact, scrub
 from pipeline.manifest import (
     MANIFEST_VERSION,
     RUN_DIR,
@@ -243,7 +243,7 @@ def _checkpoint(cfg: GenerateConfig, arch: dict) -> tuple[str | None, str, str]:
         raise CheckpointError(f"checkpoint {redact(url)}: file not found") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(
-            f"checkpoint {redact(url)}: unreadable ({type(e).__name__}: {e})"
+            f"checkpoint {redact(url)}: unreadable ({describe(e)})"
         ) from None
     if "://" not in url or url.startswith("file://"):  # cheap to check here (memory-mapped)
         check_state_dict(read_state_dict(url), arch, url)
@@ -360,7 +360,7 @@ def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerC
         raise
     except Exception as e:  # unreachable bucket, denied, read-only folder ...
         raise ConfigError(
-            f"output {redact(cfg.output)}: cannot read or write ({type(e).__name__}: {e})"
+            f"output {redact(cfg.output)}: cannot read or write ({describe(e)})"
         ) from None
     if recorded is None:
         log.info("new run %s: %d shards recorded in %s", run_id, len(plan.shards), RUN_DIR)
@@ -504,11 +504,11 @@ def _cause(e: BaseException) -> str:
     """A one-line reason from a Ray error (the user's exception where there is one)."""
     cause = getattr(e, "cause", None)
     if cause is not None and not isinstance(cause, type(e)):
-        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+        return describe(cause).splitlines()[0]
     text = str(e).strip().splitlines()
     for line in reversed(text):  # the last line of a remote traceback names the error
         if line.strip():
-            return line.strip()[:500]
+            return scrub(line.strip())[:500]
     return type(e).__name__
 
 

@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -21,6 +22,7 @@ from fsspec.core import url_to_fs
 __all__ = [
     "atomic_write",
     "basename",
+    "describe",
     "exists",
     "is_local",
     "join",
@@ -28,6 +30,7 @@ __all__ = [
     "makedirs",
     "open_url",
     "redact",
+    "scrub",
     "url_to_fs",
     "write_bytes",
 ]
@@ -52,6 +55,24 @@ def redact(url: str) -> str:
         host, slash, path = rest.partition("/")
         url = f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
     return url
+
+
+# a query string with parameters (``?X-Amz-Signature=...``), also after a bare path as
+# in requests' "Max retries exceeded with url: /sa_000020.tar?..."; and ``user:pass@``
+_QUERY = re.compile(r"\?[^\s'\"<>()?]*=[^\s'\"<>()]*")
+_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@'\"]+@")
+_URL_QUERY = re.compile(r"(\w+://[^\s?'\"]+)\?[^\s'\"]*")  # any query after a full URL
+
+
+def scrub(text: str) -> str:
+    """``text`` (an error message, a log line) without the secrets that URLs in it may
+    carry: query strings with parameters and ``user:password@``."""
+    return _USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", _QUERY.sub("", text)))
+
+
+def describe(e: BaseException) -> str:
+    """``"TypeName: message"`` of an exception, safe to print or store (see scrub)."""
+    return scrub(f"{type(e).__name__}: {e}")
 
 
 def join(base: str, *parts: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_write, basename, exists, join, open_url, redact
+from pipeline.io import atomic_write, basename, describe, exists, join, open_url, redact
 from pipeline.sa1b_reader import (
     CorruptShardError,
     ShardReport,
@@ -314,8 +314,8 @@ def index_shard(
         counter.drain()
         rep.complete = True
     except (CorruptShardError, OSError, EOFError) as e:
-        rep.error = f"{type(e).__name__}: {e}"
-        log.warning("%s: shard incomplete after %d members: %s", rep.url, rep.members, e)
+        rep.error = describe(e)
+        log.warning("%s: shard incomplete after %d members: %s", rep.url, rep.members, rep.error)
     finally:
         rep.uncompressed_bytes = getattr(stream, "total_out", counter.nbytes)
         rep.compressed_bytes = counter.nbytes

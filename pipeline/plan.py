@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from pipeline.io import atomic_write, basename, open_url, redact
+from pipeline.io import atomic_write, basename, describe, open_url, redact, scrub
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -189,7 +189,7 @@ def _fs_path(url: str):
     try:
         return url_to_fs(url)
     except (ValueError, ImportError) as e:
-        raise InputError(f"input {redact(url)}: cannot open ({e})") from None
+        raise InputError(f"input {redact(url)}: cannot open ({scrub(str(e))})") from None
 
 
 def _full(fs, path: str) -> str:
@@ -214,7 +214,7 @@ def _stat(url: str) -> str:
     except PermissionError as e:
         raise InputError(f"input {redact(url)}: access denied ({type(e).__name__})") from None
     except Exception as e:  # connection refused, unknown bucket, bad endpoint ...
-        raise InputError(f"input {redact(url)}: unreachable ({type(e).__name__}: {e})") from None
+        raise InputError(f"input {redact(url)}: unreachable ({describe(e)})") from None
     raise InputError(f"input {redact(url)}: not found")
 
 
@@ -228,7 +228,7 @@ def list_files(url: str) -> list[str]:
     except FileNotFoundError:
         found = []
     except Exception as e:
-        raise InputError(f"input {redact(url)}: cannot list ({type(e).__name__}: {e})") from None
+        raise InputError(f"input {redact(url)}: cannot list ({describe(e)})") from None
     root = path.rstrip("/")
     out = []
     for p in found:
@@ -279,13 +279,13 @@ def read_list_file(url: str) -> list[tuple[str, int | None]]:
     except FileNotFoundError:
         raise InputError(f"input {redact(url)}: not found") from None
     except OSError as e:
-        raise InputError(f"input {redact(url)}: unreadable ({type(e).__name__}: {e})") from None
+        raise InputError(f"input {redact(url)}: unreadable ({describe(e)})") from None
     entries: list[tuple[str, int | None]]
     if lower.endswith(".parquet"):
         try:
             table = pq.read_table(io.BytesIO(data))
         except (pa.ArrowInvalid, OSError) as e:
-            raise InputError(f"input {redact(url)}: not a Parquet file ({e})") from None
+            raise InputError(f"input {redact(url)}: not a Parquet file ({scrub(str(e))})") from None
         col = _pick_column(table.column_names, url)
         uris = [str(u) for u in table.column(col).to_pylist()]
         ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else None

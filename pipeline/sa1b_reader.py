@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipeline.io import basename, open_url, redact
+from pipeline.io import basename, describe, open_url, redact
 
 __all__ = [
     "Member",
@@ -691,7 +691,7 @@ class ShardReader:
                 self.url, backend=self.backend, md5=self.md5
             )
         except (ShardFormatError, OSError) as e:
-            rep.error = f"{type(e).__name__}: {e}"
+            rep.error = describe(e)
             raise
         pending = _Pending(self.max_pending_bytes, self.spill_dir)
         seen: set[tuple[int, str]] = set()
@@ -737,8 +737,8 @@ class ShardReader:
                 counter.drain()  # hash any tail after the end-of-archive marker
         except (CorruptShardError, OSError, EOFError) as e:
             rep.complete = False
-            rep.error = f"{type(e).__name__}: {e}"
-            log.warning("%s: shard incomplete after %d images: %s", rep.url, rep.images, e)
+            rep.error = describe(e)
+            log.warning("%s: shard incomplete after %d images: %s", rep.url, rep.images, rep.error)
             if self.on_error == "raise":
                 raise
         finally:

@@ -29,7 +29,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.io import basename, open_url, redact, url_to_fs, write_bytes
+from pipeline.io import basename, open_url, redact, scrub, url_to_fs, write_bytes
 from pipeline.sa1b_reader import (
     CorruptShardError,
     Member,
@@ -179,7 +179,7 @@ def gzip_checkpoints(url: str, spacing: int = DEFAULT_SPACING) -> bytes:
             gz.raw.export_index(fileobj=buf)
             return buf.getvalue()
         except OSError as e:
-            raise CorruptShardError(f"{redact(url)}: {e}") from e
+            raise CorruptShardError(f"{redact(url)}: {scrub(str(e))}") from e
         finally:
             gz.close()
 
@@ -202,7 +202,7 @@ def build_seek_index(
             idx.add(m)
         counter.drain()
     except OSError as e:  # CorruptShardError is an OSError
-        raise CorruptShardError(f"{redact(url)}: {e}") from e
+        raise CorruptShardError(f"{redact(url)}: {scrub(str(e))}") from e
     finally:
         counter.raw.close()
     idx.uncompressed_size = getattr(stream, "total_out", counter.nbytes)
@@ -264,7 +264,7 @@ class ShardRandomAccess:
                 except Exception as e:  # indexed_gzip raises its own ZranError etc.
                     raise SeekIndexError(
                         f"seek index of {index.shard}: its inflate checkpoints do not load "
-                        f"for {redact(shard_url)}: {e}"
+                        f"for {redact(shard_url)}: {scrub(str(e))}"
                     ) from e
         except BaseException:
             self.close()
@@ -291,7 +291,7 @@ class ShardRandomAccess:
             f.seek(offset)
             data = f.read(size)
         except OSError as e:
-            raise CorruptShardError(f"{redact(self.url)}: reading {name}: {e}") from e
+            raise CorruptShardError(f"{redact(self.url)}: reading {name}: {scrub(str(e))}") from e
         if len(data) != size:
             raise CorruptShardError(f"{redact(self.url)}: {name} is cut short")
         return data
@@ -341,7 +341,7 @@ def find_record_by_scan(url: str, image_id: int, *, backend: str = "auto") -> SA
                 )
     except OSError as e:  # CorruptShardError is an OSError
         raise CorruptShardError(
-            f"{redact(url)}: image {image_id} not found before the shard's damage: {e}"
+            f"{redact(url)}: image {image_id} not found before the shard's damage: {scrub(str(e))}"
         ) from e
     finally:
         counter.raw.close()

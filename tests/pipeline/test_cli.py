@@ -279,3 +279,41 @@ def test_coco_of_a_damaged_shard_is_not_committed_unless_allowed(shards, damaged
     ids = {im["id"] for im in doc["images"]}
     assert {11, 12, 13, 14} <= ids and len(ids) < 8  # shards[1] whole, the damaged one partly
     assert main(["coco", str(shards[1]), "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("command", ["index", "info"])
+def test_signed_url_secrets_are_never_printed(http_server, tmp_path, capsys, caplog, command):
+    """An expired signed link (403) and a missing one (404): the error names the shard
+    but neither the signature nor a ``user:password@``; nothing of it reaches the output
+    files either."""
+    base, root, _ = http_server
+    host = base.split("://", 1)[1]
+    urls = [
+        f"{base}/expired/sa_000021.tar?X-Amz-Signature=SECRET1&oh=SECRET2",
+        f"http://alice:SECRET3@{host}/sa_000022.tar?Signature=SECRET4",
+    ]
+    out = tmp_path / "idx"
+    argv = [command, *urls] + (["--out", str(out)] if command == "index" else [])
+    assert main(argv) != 0
+    printed = capsys.readouterr()
+    text = printed.out + printed.err + caplog.text
+    if out.exists():
+        text += "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+    assert "sa_000021.tar" in text  # ``info`` stops at the first missing input
+    assert "SECRET" not in text
+
+
+def test_scrub_removes_query_strings_and_userinfo():
+    from pipeline.io import describe, scrub
+
+    msg = (
+        "HTTPSConnectionPool(host='cdn.example', port=443): Max retries exceeded with url: "
+        "/sa_000020.tar?_nc_ht=x&Signature=abc (Caused by NewConnectionError)"
+    )
+    assert scrub(msg) == (
+        "HTTPSConnectionPool(host='cdn.example', port=443): Max retries exceeded with url: "
+        "/sa_000020.tar (Caused by NewConnectionError)"
+    )
+    assert scrub("403, url='https://u:pw@h/a.tar?token'") == "403, url='https://h/a.tar'"
+    assert scrub("what? s3://b/k?versionId=3 ok") == "what? s3://b/k ok"
+    assert describe(FileNotFoundError("https://h/a?X-Amz-Credential=K")) == "FileNotFoundError: https://h/a"
