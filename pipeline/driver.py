@@ -398,15 +398,41 @@ def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerC
 def worker_env(cfg: GenerateConfig) -> dict[str, str]:
     """Store settings of this process for the workers; never secrets (a runtime_env is
     visible in the dashboard): those come from the nodes' own credential chain."""
-    secret = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if (k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_NAMES)
-        and not any(s in k.upper() for s in secret)
-    }
+    env = {}
+    for k, v in os.environ.items():
+        if not (k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_NAMES):
+            continue
+        if _secret_name(k):
+            continue
+        if k.startswith("FSSPEC_"):
+            # fsspec reads JSON in FSSPEC_<PROTOCOL> (the filesystem's options) and in
+            # FSSPEC_<PROTOCOL>_<OPTION> (e.g. client_kwargs); an object there may carry
+            # credentials ({"key": ..., "secret": ...}): forward the rest of it only
+            try:
+                value = json.loads(v)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                v = json.dumps(_without_secrets(value))
+        env[k] = v
     env.update(cfg.worker_env)
     return env
+
+
+_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+
+
+def _secret_name(name: str) -> bool:
+    return any(w in name.upper() for w in _SECRET_WORDS)
+
+
+def _without_secrets(options: dict) -> dict:
+    """``options`` (nested dicts) without the entries whose name looks like a secret."""
+    return {
+        k: _without_secrets(v) if isinstance(v, dict) else v
+        for k, v in options.items()
+        if not _secret_name(str(k))
+    }
 
 
 def _connect(cfg: GenerateConfig) -> bool:

@@ -1,0 +1,56 @@
+"""What the driver hands to its Ray workers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import fsspec.config
+
+from pipeline.driver import GenerateConfig, worker_env
+
+
+def test_worker_env_forwards_store_settings_but_no_secret(monkeypatch):
+    """The workers' environment is shown by the Ray dashboard: endpoints and regions go
+    there, credentials never do, also not inside fsspec's JSON options."""
+    for k in list(os.environ):
+        if k.startswith(("FSSPEC_", "AWS_")):
+            monkeypatch.delenv(k)
+    env = {
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+        "AWS_REGION": "eu-west-1",
+        "AWS_SECRET_ACCESS_KEY": "s-1",
+        "AWS_ACCESS_KEY_ID": "s-2",
+        "AWS_SESSION_TOKEN": "s-3",
+        "FSSPEC_S3_KEY": "s-4",
+        "FSSPEC_S3": json.dumps(
+            {
+                "key": "s-5",
+                "secret": "s-6",
+                "anon": False,
+                "client_kwargs": {
+                    "endpoint_url": "http://minio:9000",
+                    "aws_secret_access_key": "s-7",
+                },
+            }
+        ),
+        "FSSPEC_S3_CLIENT_KWARGS": json.dumps({"region_name": "eu", "aws_session_token": "s-8"}),
+        "FSSPEC_HTTP_BLOCK_SIZE": "1048576",
+        "HOME": "/home/someone",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = worker_env(GenerateConfig(input="in", output="out"))
+    assert "s-" not in json.dumps(out)
+    assert out["AWS_ENDPOINT_URL"] == "http://minio:9000" and out["AWS_REGION"] == "eu-west-1"
+    assert out["FSSPEC_HTTP_BLOCK_SIZE"] == "1048576" and "HOME" not in out
+    # what fsspec makes of the forwarded variables: the same options, less the secrets
+    conf: dict = {}
+    fsspec.config.set_conf_env(conf, out)
+    assert conf["s3"] == {
+        "anon": False,
+        "client_kwargs": {"region_name": "eu"},  # the option variable applies last
+    }
+    conf = {}
+    fsspec.config.set_conf_env(conf, {"FSSPEC_S3": out["FSSPEC_S3"]})
+    assert conf["s3"]["client_kwargs"] == {"endpoint_url": "http://minio:9000"}
