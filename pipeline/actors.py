@@ -550,6 +550,10 @@ class ShardProcessor:
 
         yield from _ordered(calls_of_shard(), pool, cfg.prefetch)
         rep = reader.report
+        if not rep.complete and rep.read_failure:
+            # the shard could not be read to its end (network, storage): not a property of
+            # the input, so nothing is committed and the driver runs the shard again
+            raise OSError(f"{redact(task.source)}: reading failed: {rep.error}")
         if not rep.complete:
             report["input_error"] = rep.error or "incomplete"
         elif rep.unpaired:

@@ -135,10 +135,13 @@ class RunSummary:
     processing_seconds: float  # from workers ready to the last shard
     workers: list[dict[str, Any]] = field(default_factory=list)
     finished_at: str = ""
+    # SA-1B input shards found damaged (truncated, corrupt, unpaired members): their
+    # readable images are committed, the error is in their marker
+    input_errors: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.shards_failed == 0 and self.state == "complete"
+        return self.shards_failed == 0 and self.state == "complete" and not self.input_errors
 
     @property
     def images_per_second(self) -> float:
@@ -171,6 +174,8 @@ class RunSummary:
             lines.append(f"  workers  {self.actors_replaced} replaced after dying")
         for name, reason in sorted(self.failed_shards.items()):
             lines.append(f"  FAILED   {name}: {reason}")
+        for name, reason in sorted(self.input_errors.items()):
+            lines.append(f"  DAMAGED  {name}: input {reason}; its readable images are committed")
         return "\n".join(lines)
 
 
@@ -633,6 +638,9 @@ def run_generation(cfg: GenerateConfig) -> RunSummary:
         processing_seconds=max(0.0, t_end - t_ready),
         workers=workers,
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        input_errors={
+            k: str(markers[k]["input_error"]) for k in sorted(committed) if markers[k].get("input_error")
+        },
     )
     with contextlib.suppress(Exception):  # informative only; markers are the truth
         write_json(join(cfg.output, RUN_DIR, "last_run.json"), summary.as_dict())

@@ -560,6 +560,9 @@ class ShardReport:
     compression: str = ""
     complete: bool = False
     error: str | None = None
+    # the error was a failure to read (network, storage), not damage in the data:
+    # another pass may well succeed
+    read_failure: bool = False
     members: int = 0
     images: int = 0
     compressed_bytes: int = 0
@@ -579,6 +582,7 @@ class ShardReport:
             "compression": self.compression,
             "complete": self.complete,
             "error": self.error,
+            "read_failure": self.read_failure,
             "members": self.members,
             "images": self.images,
             "compressed_bytes": self.compressed_bytes,
@@ -738,6 +742,7 @@ class ShardReader:
         except (CorruptShardError, OSError, EOFError) as e:
             rep.complete = False
             rep.error = describe(e)
+            rep.read_failure = not isinstance(e, (CorruptShardError, EOFError))
             log.warning("%s: shard incomplete after %d images: %s", rep.url, rep.images, rep.error)
             if self.on_error == "raise":
                 raise

@@ -285,3 +285,45 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_job_exits_1(
     assert main(["status", str(out)]) == 0
     status = capsys.readouterr().out
     assert "pending     1: sa_000001" in status and "failed    sa_000001" in status
+
+
+def test_a_damaged_input_shard_is_committed_as_far_as_readable_and_reported(
+    ray_address, model_files, tmp_path, capsys
+):
+    """Re-annotating SA-1B shards, one truncated: its readable images are committed and
+    its marker records the damage; the summary names it and the job exits 1, on the
+    first run and on a rerun (which redoes nothing)."""
+    from pipeline.sa1b_writer import ShardWriter
+    from tests.jobs.helpers import image_bytes
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for sid in (0, 1):
+        with ShardWriter(str(src / f"sa_00000{sid}.tar")) as w:
+            for i in range(1, 4):
+                image_id = 100 * sid + i
+                w.add(
+                    image_id,
+                    image_bytes(image_id),
+                    {"image": {"image_id": image_id}, "annotations": []},
+                )
+    data = (src / "sa_000001.tar").read_bytes()
+    (src / "sa_000001.tar").write_bytes(data[: len(data) * 2 // 3])
+    cfg_json, ckpt = model_files
+    out = tmp_path / "out"
+    argv = [
+        str(src), str(out), "--model", cfg_json, "--checkpoint", ckpt, "--points-per-side", "4",
+        "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--no-progress",
+        "--num-actors", "1",
+    ]  # fmt: skip
+    for run in range(2):
+        assert main(argv) == 1
+        text = capsys.readouterr().out
+        assert "2/2 committed" in text
+        assert "DAMAGED  sa_000001: input TruncatedShardError" in text, text
+        assert "sa_000000" not in text.split("DAMAGED", 1)[1]
+        if run == 0:
+            first = snapshot(out)
+    assert snapshot(out) == first
+    assert len(tar_records(out / "sa_000000.tar")) == 3
+    assert 0 < len(tar_records(out / "sa_000001.tar")) < 3

@@ -156,6 +156,38 @@ def test_truncated_input_shard_keeps_what_was_read(tmp_path, model_files):
     assert len(tar_records(out / "sa_000001.tar")) == marker["images_ok"]
 
 
+def test_input_shard_read_failure_commits_nothing(tmp_path, model_files, monkeypatch):
+    """A connection reset half-way through an input shard is no property of the input:
+    the shard raises (the driver runs it again), and neither its marker nor its output
+    shard exists, so nothing partial looks complete."""
+    import pipeline.sa1b_reader as reader_mod
+    from pipeline.manifest import marker_url
+    from pipeline.sa1b_writer import ShardWriter
+
+    src = tmp_path / "sa_000003.tar"
+    with ShardWriter(str(src)) as w:
+        for i in range(1, 5):
+            w.add(i, image_bytes(i), {"image": {"image_id": i}, "annotations": []})
+    cut = src.stat().st_size // 2
+
+    class Resetting(io.BytesIO):
+        def read(self, n=-1):
+            left = cut - self.tell()
+            if left <= 0:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return super().read(left if n is None or n < 0 else min(n, left))
+
+    monkeypatch.setattr(reader_mod, "open_url", lambda url: Resetting(src.read_bytes()))
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="sa_000003.tar: reading failed: ConnectionResetError"):
+        ShardProcessor(_config(out, model_files)).process(
+            ShardTask(3, "sa_000003", source=str(src))
+        )
+    assert not os.path.exists(marker_url(str(out), "sa_000003"))
+    assert not (out / "sa_000003.tar").exists()
+    assert hidden_files(out) == []
+
+
 def test_loose_files_layout_without_images(tmp_path, model_files):
     (tmp_path / "a.jpg").write_bytes(image_bytes(4))
     out = tmp_path / "out"
