@@ -86,23 +86,36 @@ def index_rows_from_record(
     image_id = image_row["image_id"]
     rows = []
     for a in anns:
-        counts = a["segmentation"]["counts"] if with_counts else None
-        if isinstance(counts, (bytes, bytearray)):
-            counts = counts.decode("ascii")
         rows.append(
             {
                 "image_id": image_id,
                 "id": int(a["id"]),
                 "area": int(a["area"]),
-                "bbox": [float(v) for v in a["bbox"]],
+                "bbox": _floats(a["bbox"], 4, "bbox"),
                 "predicted_iou": float(a["predicted_iou"]),
                 "stability_score": float(a["stability_score"]),
-                "point_coords": [float(v) for v in a["point_coords"][0]],
-                "crop_box": [float(v) for v in a["crop_box"]],
-                "counts": counts,
+                "point_coords": _floats(a["point_coords"][0], 2, "point_coords[0]"),
+                "crop_box": _floats(a["crop_box"], 4, "crop_box"),
+                "counts": _counts(a["segmentation"]) if with_counts else None,
             }
         )
     return image_row, rows
+
+
+def _floats(values: Any, n: int, what: str) -> list[float]:
+    """``values`` as ``n`` floats (the index's fixed-size list columns)."""
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise ValueError(f"{what} must be a list of {n} numbers, got {values!r:.80}")
+    return [float(v) for v in values]
+
+
+def _counts(segmentation: Any) -> str:
+    counts = segmentation["counts"]
+    if isinstance(counts, (bytes, bytearray)):
+        counts = counts.decode("ascii")
+    if not isinstance(counts, str):
+        raise TypeError(f"segmentation counts must be a COCO RLE string, got {type(counts).__name__}")
+    return counts
 
 
 class IndexPartBuilder:
@@ -135,16 +148,18 @@ class IndexPartBuilder:
         img = record["image"]
         anns = record["annotations"]
         image_id = int(img["image_id"])
+        if not isinstance(anns, list):
+            raise TypeError(f"annotations is a {type(anns).__name__}, not a list")
         cols = (
             [image_id] * len(anns),
             [int(a["id"]) for a in anns],
             [int(a["area"]) for a in anns],
-            [[float(v) for v in a["bbox"]] for a in anns],
+            [_floats(a["bbox"], 4, "bbox") for a in anns],
             [float(a["predicted_iou"]) for a in anns],
             [float(a["stability_score"]) for a in anns],
-            [[float(v) for v in a["point_coords"][0]] for a in anns],
-            [[float(v) for v in a["crop_box"]] for a in anns],
-            [a["segmentation"]["counts"] for a in anns] if self.with_counts else [None] * len(anns),
+            [_floats(a["point_coords"][0], 2, "point_coords[0]") for a in anns],
+            [_floats(a["crop_box"], 4, "crop_box") for a in anns],
+            [_counts(a["segmentation"]) for a in anns] if self.with_counts else [None] * len(anns),
         )
         row = (
             image_id,

@@ -113,6 +113,33 @@ def test_corrupt_json_is_reported_and_the_rest_indexed(tmp_path):
     assert sorted(pd.read_parquet(out + "/images").image_id) == [1, 3]
 
 
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda a: a.update(bbox=[1, 2, 3]), "bbox must be a list of 4 numbers"),
+        (lambda a: a.update(crop_box="0 0 8 8"), "crop_box must be a list of 4 numbers"),
+        (lambda a: a.update(point_coords=[[1.0]]), "point_coords[0] must be a list of 2"),
+        (lambda a: a["segmentation"].update(counts=[3, 4]), "COCO RLE string, got list"),
+    ],
+)
+def test_malformed_record_fields_are_reported_per_member(tmp_path, damage, message):
+    """A record whose fields do not fit the index's columns goes to bad_records with its
+    member name; the shard's other records are indexed and the shard is complete."""
+    out = str(tmp_path / "idx")
+    members, _ = members_of(3)
+    rec = json.loads(members[3][1])
+    assert members[3][0] == "./sa_2.json"
+    damage(rec["annotations"][0])
+    members[3] = ("./sa_2.json", json.dumps(rec).encode())
+    p = write_members(tmp_path / "sa_000006.tar", members)
+    res = index_shard(str(p), out, with_counts=True)
+    assert res.report.complete
+    [(name, why)] = res.report.bad_records
+    assert name == "./sa_2.json" and message in why
+    assert sorted(pd.read_parquet(out + "/images").image_id) == [1, 3]
+    assert is_indexed(out, str(p))
+
+
 def test_rows_from_in_memory_records_real_sample(tmp_path):
     rec = real_records()[0]
     img_row, ann_rows = index_rows_from_record(rec, "sa_000020.tar", with_counts=True)
