@@ -269,6 +269,24 @@ def _pick_column(names: Sequence[str], url: str) -> str:
     )
 
 
+def _parquet_id(value: object, row: int, url: str) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise InputError(f"input {redact(url)}: row {row}: image_id {value!r} is not an integer")
+
+
+def _text(data: bytes, url: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"input {redact(url)}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+            "save the list as UTF-8"
+        ) from None
+
+
 def read_list_file(url: str) -> list[tuple[str, int | None]]:
     """``[(uri, image_id or None), ...]`` from a txt/csv/tsv/parquet list file."""
     lower = redact(url).lower()
@@ -289,9 +307,11 @@ def read_list_file(url: str) -> list[tuple[str, int | None]]:
         col = _pick_column(table.column_names, url)
         uris = [str(u) for u in table.column(col).to_pylist()]
         ids = table.column("image_id").to_pylist() if "image_id" in table.column_names else None
+        if ids is not None:
+            ids = [_parquet_id(i, n, url) for n, i in enumerate(ids)]
         entries = list(zip(uris, ids or [None] * len(uris)))
     elif lower.endswith((".csv", ".tsv")):
-        text = data.decode("utf-8-sig")
+        text = _text(data, url)
         reader = csv.DictReader(
             io.StringIO(text), delimiter="\t" if lower.endswith(".tsv") else ","
         )
@@ -311,7 +331,7 @@ def read_list_file(url: str) -> list[tuple[str, int | None]]:
                     f"input {redact(url)}: line {n}: image_id {iid!r} is not an integer"
                 ) from None
     else:
-        text = data.decode("utf-8-sig")
+        text = _text(data, url)
         entries = [
             (line.strip(), None)
             for line in text.splitlines()

@@ -116,6 +116,19 @@ def test_sa1b_list_with_duplicate_shard_ids_is_refused(tmp_path):
         build_plan(str(lst))
 
 
+def _parquet(path, uris, ids):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"uri": uris, "image_id": ids}), path)
+    return str(path)
+
+
+def test_parquet_list_with_numeric_string_ids(tmp_path):
+    plan = build_plan(_parquet(tmp_path / "l.parquet", ["a.jpg", "b.jpg"], ["7", "9"]))
+    assert [it.image_id for s in plan.shards for it in s.items] == [7, 9]
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -125,6 +138,9 @@ def test_sa1b_list_with_duplicate_shard_ids_is_refused(tmp_path):
         (lambda p: _touch(p / "l.txt", b"\n# only comments\n"), "the list is empty"),
         (lambda p: _touch(p / "l.csv", b"uri,image_id\nx.jpg,1\ny.jpg,1\n"), "duplicate image ids"),
         (lambda p: _touch(p / "data.bin"), "not a folder, image, SA-1B shard or list file"),
+        (lambda p: _touch(p / "l.txt", "café.jpg\n".encode("latin-1")), r"not UTF-8 text \(byte 3"),
+        (lambda p: _touch(p / "l.csv", "uri\ncafé.jpg\n".encode("cp1252")), "not UTF-8 text"),
+        (lambda p: _parquet(p / "l.parquet", ["a.jpg", "b.jpg"], ["1", "x"]), "row 1: image_id 'x'"),
     ],
 )
 def test_input_errors_name_the_input(tmp_path, make, message):
