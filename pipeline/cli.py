@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io import atomic_write, basename, exists, join, redact, scrub
+from pipeline.io import atomic_write, basename, describe, exists, join, redact, scrub
 from pipeline.sa1b_reader import (
     CorruptShardError,
     RecordError,
@@ -303,41 +303,21 @@ def _write_coco(
     first = True
     recs = _records(args.shards, ids, args.seek_dir, load_images=False, damaged=damaged)
     for rec in recs:
-        try:
-            img, anns = rec.image_info, rec.annotations
+        try:  # the whole record first: a malformed one leaves nothing behind
+            image, outs = _coco_entries(rec, args.sa1b_bbox)
         except RecordError as e:
             log.error("%s", e)
             bad += 1
             continue
-        images.append(
-            {
-                "id": img["image_id"],
-                "file_name": img["file_name"],
-                "width": img["width"],
-                "height": img["height"],
-            }
-        )
-        for a in anns:
-            x, y, w, h = a["bbox"]
-            bbox = [x, y, w, h] if args.sa1b_bbox else [x, y, w + 1, h + 1]
-            if not args.sa1b_bbox and a["area"] == 0:
-                bbox = [0, 0, 0, 0]
-            out = {
-                "id": a["id"],
-                "image_id": img["image_id"],
-                "category_id": 1,
-                "segmentation": a["segmentation"],
-                "area": a["area"],
-                "bbox": bbox,
-                "iscrowd": 0,
-                "predicted_iou": a["predicted_iou"],
-                "stability_score": a["stability_score"],
-                "point_coords": a["point_coords"],
-                "crop_box": a["crop_box"],
-            }
-            f.write((b"" if first else b", ") + json.dumps(out).encode())
+        except (KeyError, TypeError, ValueError) as e:
+            log.error("%s", rec.malformed(describe(e)))
+            bad += 1
+            continue
+        images.append(image)
+        for out in outs:
+            f.write((b"" if first else b", ") + out)
             first = False
-            n_ann += 1
+        n_ann += len(outs)
     tail = {
         "images": images,
         "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
@@ -345,6 +325,38 @@ def _write_coco(
     }
     f.write(b"], " + json.dumps(tail)[1:].encode())
     return n_ann, bad
+
+
+def _coco_entries(rec: SA1BRecord, sa1b_bbox: bool) -> tuple[dict[str, Any], list[bytes]]:
+    """The COCO image entry of ``rec`` and its annotations as JSON."""
+    img, anns = rec.image_info, rec.annotations
+    image = {
+        "id": img["image_id"],
+        "file_name": img["file_name"],
+        "width": img["width"],
+        "height": img["height"],
+    }
+    outs = []
+    for a in anns:
+        x, y, w, h = a["bbox"]
+        bbox = [x, y, w, h] if sa1b_bbox else [x, y, w + 1, h + 1]
+        if not sa1b_bbox and a["area"] == 0:
+            bbox = [0, 0, 0, 0]
+        out = {
+            "id": a["id"],
+            "image_id": img["image_id"],
+            "category_id": 1,
+            "segmentation": a["segmentation"],
+            "area": a["area"],
+            "bbox": bbox,
+            "iscrowd": 0,
+            "predicted_iou": a["predicted_iou"],
+            "stability_score": a["stability_score"],
+            "point_coords": a["point_coords"],
+            "crop_box": a["crop_box"],
+        }
+        outs.append(json.dumps(out).encode())
+    return image, outs
 
 
 # ----------------------------------------------------------------------------- show
@@ -378,7 +390,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     recs = list(_records([args.shard], {args.id}, args.seek_dir))
     if not recs:
         raise UsageError(f"{args.shard}: no image {args.id}")
-    im = render_overlay(recs[0], max_masks=args.max_masks)
+    try:
+        im = render_overlay(recs[0], max_masks=args.max_masks)
+    except (KeyError, TypeError, ValueError) as e:  # RecordError passes: it names the member
+        if isinstance(e, RecordError):
+            raise
+        raise recs[0].malformed(describe(e)) from None
     out = args.out or f"sa_{args.id}_overlay.png"
     with atomic_write(out) as f:
         im.save(f, format="PNG")

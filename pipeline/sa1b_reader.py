@@ -506,11 +506,22 @@ class SA1BRecord:
     def data(self) -> dict[str, Any]:
         """The parsed per-image JSON (``{"image": ..., "annotations": [...]}``)."""
         try:
-            return json.loads(self.json_bytes)
+            data = json.loads(self.json_bytes)
         except (ValueError, UnicodeDecodeError) as e:
             raise RecordError(
                 f"{self.shard}: sa_{self.image_id}.json is not valid JSON: {e}"
             ) from e
+        if not isinstance(data, dict):
+            raise self.malformed(f"a JSON {type(data).__name__}, not an object")
+        if not isinstance(data.get("image"), dict):
+            raise self.malformed('no "image" object')
+        if not isinstance(data.get("annotations"), list):
+            raise self.malformed('no "annotations" list')
+        return data
+
+    def malformed(self, why: str) -> RecordError:
+        """The error for this record's JSON not being an SA-1B per-image record."""
+        return RecordError(f"{self.shard}: sa_{self.image_id}.json: malformed record: {why}")
 
     @property
     def image_info(self) -> dict[str, Any]:

@@ -317,3 +317,36 @@ def test_scrub_removes_query_strings_and_userinfo():
     assert scrub("403, url='https://u:pw@h/a.tar?token'") == "403, url='https://h/a.tar'"
     assert scrub("what? s3://b/k?versionId=3 ok") == "what? s3://b/k ok"
     assert describe(FileNotFoundError("https://h/a?X-Amz-Credential=K")) == "FileNotFoundError: https://h/a"
+
+
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        (b'{"annotations": []}', 'no "image" object'),
+        (b"[1, 2]", "a JSON list, not an object"),
+        (None, "KeyError: 'segmentation'"),  # an annotation without its mask
+    ],
+)
+def test_coco_and_show_name_a_malformed_record(tmp_path, caplog, capsys, body, why):
+    """One clear message naming the member, exit 1; ``coco`` keeps the other images whole
+    and writes nothing of the bad one."""
+    members, records = members_of(3)
+    assert members[3][0] == "./sa_2.json"
+    if body is None:
+        rec = json.loads(members[3][1])
+        del rec["annotations"][1]["segmentation"]
+        body = json.dumps(rec).encode()
+    members[3] = ("./sa_2.json", body)
+    shard = write_members(tmp_path / "sa_000007.tar", members)
+    out = tmp_path / "coco.json"
+    assert main(["coco", str(shard), "--out", str(out)]) == 1
+    assert f"sa_000007.tar: sa_2.json: malformed record: {why}" in caplog.text
+    coco = json.loads(out.read_text())
+    assert sorted(i["id"] for i in coco["images"]) == [1, 3]
+    assert sorted({a["image_id"] for a in coco["annotations"]}) == [1, 3]
+    assert len(coco["annotations"]) == sum(len(records[i][1]["annotations"]) for i in (1, 3))
+    caplog.clear()
+    png = tmp_path / "o.png"
+    assert main(["show", str(shard), "--id", "2", "--out", str(png)]) == 1
+    assert f"sa_2.json: malformed record: {why}" in caplog.text and not png.exists()
+    assert "Traceback" not in capsys.readouterr().err
