@@ -20,7 +20,9 @@ import glob
 import io
 import logging
 import os
+import posixpath
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -34,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_write, join, open_url, redact, scrub
+from pipeline.io import atomic_write, join, list_dir, open_url, redact, remove, scrub
 from pipeline.manifest import retry_io, write_marker
 from pipeline.parquet_index import IndexPartBuilder, write_index_part
 from pipeline.sa1b_writer import ShardWriter, write_image_json
@@ -247,6 +249,9 @@ def _background(it: Iterable[Any], maxsize: int) -> Iterator[Any]:
 # ----------------------------------------------------------------------------- writing
 
 
+_LOOSE_FILE = re.compile(r"sa_\d+\.(json|jpg)")
+
+
 class _ShardOutput:
     """Writes one shard's SA-1B JSON (+ images), index parts and status rows."""
 
@@ -286,6 +291,18 @@ class _ShardOutput:
                     os.remove(path)
                     log.info("removed %s left by an earlier attempt", os.path.basename(path))
 
+    def remove_stale_files(self) -> None:
+        """Loose layout: delete the ``sa_<id>.json/.jpg`` an earlier, killed attempt at
+        this shard wrote for images that this attempt did not write (they failed now),
+        so the folder holds exactly what the status index calls ok."""
+        folder = join(self.cfg.output, self.task.name)
+        written = set(self.files)
+        for url in retry_io(lambda: list_dir(folder), what=folder):
+            name = posixpath.basename(url.rstrip("/"))
+            if _LOOSE_FILE.fullmatch(name) and f"{self.task.name}/{name}" not in written:
+                retry_io(lambda url=url: remove(url), what=url)
+                log.info("removed %s/%s left by an earlier attempt", self.task.name, name)
+
     def open(self) -> None:
         self.remove_stale_temps()
         if self.cfg.layout == "tar":
@@ -305,6 +322,8 @@ class _ShardOutput:
         if self._tar is not None:
             tar, self._tar = self._tar, None
             tar.__exit__(None, None, None)
+        if self.cfg.layout == "files":
+            self.remove_stale_files()
         index_dir = join(self.cfg.output, "index")
         images_t, anns_t = self.builder.tables()
         retry_io(

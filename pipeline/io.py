@@ -30,6 +30,7 @@ __all__ = [
     "makedirs",
     "open_url",
     "redact",
+    "remove",
     "scrub",
     "url_to_fs",
     "write_bytes",
@@ -116,6 +117,13 @@ def list_dir(url: str) -> list[str]:
     if proto in ("file", "local"):
         return sorted(entries)
     return sorted(e if "://" in e else f"{proto}://{e}" for e in entries)
+
+
+def remove(url: str) -> None:
+    """Delete the file ``url``; nothing if it is already gone."""
+    fs, path = url_to_fs(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
 
 
 def makedirs(url: str) -> None:

@@ -201,6 +201,26 @@ def test_loose_files_layout_without_images(tmp_path, model_files):
     assert img.jpg_offset.isna().all()
 
 
+def test_loose_files_of_a_killed_attempt_for_images_failing_now_are_removed(
+    tmp_path, model_files
+):
+    """Loose layout, redo of a shard: an earlier attempt wrote sa_5's files, and image 5
+    fails this time; after the redo the folder holds exactly the images that are ok."""
+    (tmp_path / "a.jpg").write_bytes(image_bytes(4))
+    out = tmp_path / "out"
+    folder = out / "sa_000000"
+    folder.mkdir(parents=True)
+    for name in ("sa_5.json", "sa_5.jpg", "sa_9.json", "notes.txt"):
+        (folder / name).write_bytes(b"from the killed attempt")
+    items = ((9, str(tmp_path / "a.jpg")), (5, str(tmp_path / "gone.jpg")))
+    marker = ShardProcessor(_config(out, model_files, layout="files")).process(
+        ShardTask(0, "sa_000000", items, attempt=2)
+    )
+    assert (marker["images_ok"], marker["images_failed"]) == (1, 1)
+    assert sorted(os.listdir(folder)) == ["notes.txt", "sa_9.jpg", "sa_9.json"]
+    assert json.loads((folder / "sa_9.json").read_text())["image"]["image_id"] == 9
+
+
 def test_stale_temp_files_of_a_killed_attempt_are_removed(tmp_path, model_files):
     (tmp_path / "a.jpg").write_bytes(image_bytes(4))
     out = tmp_path / "out"
