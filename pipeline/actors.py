@@ -147,7 +147,9 @@ def _read_bytes(uri: str, limit: int) -> bytes:
 def _decode(data: bytes, max_pixels: int, jpeg_quality: int) -> tuple[np.ndarray, bytes]:
     """``(RGB uint8 array, JPEG bytes for the output)``; the source bytes are kept when
     they are a JPEG that needs no EXIF rotation."""
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from sam.predictor import pil_to_rgb
 
     if not data:
         raise _ImageFailure("corrupt", "empty file")
@@ -159,7 +161,7 @@ def _decode(data: bytes, max_pixels: int, jpeg_quality: int) -> tuple[np.ndarray
             fmt = im.format
             orientation = im.getexif().get(0x0112, 1)
             im.load()
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            rgb = pil_to_rgb(im)
     except _ImageFailure:
         raise
     except Image.DecompressionBombError as e:
@@ -170,9 +172,9 @@ def _decode(data: bytes, max_pixels: int, jpeg_quality: int) -> tuple[np.ndarray
         jpeg = data
     else:
         buf = io.BytesIO()
-        rgb.save(buf, "JPEG", quality=jpeg_quality)
+        Image.fromarray(rgb).save(buf, "JPEG", quality=jpeg_quality)
         jpeg = buf.getvalue()
-    return np.asarray(rgb), jpeg
+    return rgb, jpeg
 
 
 def load_image(

@@ -105,7 +105,25 @@ class SamAutomaticMaskGenerator:
             raise ValueError("points_per_batch must be at least 1")
         if crop_n_layers < 0 or crop_n_points_downscale_factor < 1:
             raise ValueError("crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1")
+        if not 0.0 <= crop_overlap_ratio < 1.0:
+            raise ValueError(f"crop_overlap_ratio must be in [0, 1), got {crop_overlap_ratio}")
+        if stability_score_thresh > 1.0:
+            raise ValueError(
+                f"stability_score_thresh must be at most 1 (a ratio of areas), got "
+                f"{stability_score_thresh}"
+            )
+        if pred_iou_thresh > 1.0:
+            log.warning("pred_iou_thresh %s > 1 keeps almost no masks", pred_iou_thresh)
         if points_per_side is not None:
+            if points_per_side < 1:
+                raise ValueError(f"points_per_side must be at least 1, got {points_per_side}")
+            for layer in range(crop_n_layers + 1):
+                if points_per_side // crop_n_points_downscale_factor**layer < 1:
+                    raise ValueError(
+                        f"crop layer {layer} would have no points: points_per_side "
+                        f"{points_per_side} / crop_n_points_downscale_factor "
+                        f"{crop_n_points_downscale_factor}**{layer} < 1"
+                    )
             self.point_grids = ops.layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )

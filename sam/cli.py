@@ -10,7 +10,9 @@ import argparse
 import csv
 import json
 import logging
+import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -73,14 +75,20 @@ def list_images(path: Path) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
+
+    from .predictor import pil_to_rgb
 
     try:
         with Image.open(path) as im:
-            # honour EXIF orientation, as OpenCV's imread (the reference script's reader) does
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image {path}: cannot be read as an image ({e})") from None
+            im.load()
+            return pil_to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path}: too large ({e})") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error ... for bad files
+        raise ValueError(
+            f"image {path}: cannot be read as an image ({type(e).__name__}: {e})"
+        ) from None
 
 
 def image_id_of(path: Path, index: int) -> int:
@@ -89,12 +97,28 @@ def image_id_of(path: Path, index: int) -> int:
 
 
 def write_png_folder(records: list[dict], out_dir: Path) -> None:
+    """One PNG per mask plus ``metadata.csv`` (the reference script's layout), written
+    to a temporary folder that then replaces ``out_dir``: a rerun leaves no masks of an
+    earlier run behind, and an interrupted one no half-written folder."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_pngs(records, tmp)
+        if out_dir.is_dir() and not out_dir.is_symlink():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_pngs(records: list[dict], out_dir: Path) -> None:
     from PIL import Image
 
     from .amg_ops import runs_to_mask
     from .rle import counts_from_string
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     header = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
               "predicted_iou,stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
     rows = [header.split(",")]
@@ -121,9 +145,13 @@ def sa1b_record(records: list[dict], image_id: int, path: Path, size: tuple[int,
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"sam-amg: {e}", file=sys.stderr)
         return 2
+    stems: dict[str, Path] = {}
+    for path in images:
+        if path.stem in stems:
+            print(f"sam-amg: input {args.input}: {stems[path.stem].name} and {path.name} would "
+                  f"write the same output {path.stem}", file=sys.stderr)
+            return 2
+        stems[path.stem] = path
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"sam-amg: output {out}: cannot create the folder ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 2
     failed, n_masks, t0 = [], 0, time.perf_counter()
     bar = tqdm(images, unit="img", desc="sam-amg")
     for i, path in enumerate(bar):
@@ -189,17 +229,23 @@ def main(argv: list[str] | None = None) -> int:
             log.error("image %s: generation failed: %s", path, e)
             failed.append((path, f"generation failed: {e}"))
             continue
+        try:
+            if fmt == "png":
+                write_png_folder(records, out / path.stem)
+            elif fmt == "coco_rle":
+                _write_atomic(out / f"{path.stem}.json", json.dumps(records).encode())
+            else:
+                from pipeline.sa1b_writer import write_image_json
+
+                rec = sa1b_record(records, image_id_of(path, i), path, image.shape[:2])
+                _write_atomic(out / f"{path.stem}.json", write_image_json(rec))
+        except OSError as e:  # disk full, permissions, a file where a folder should be
+            target = out / path.stem
+            log.error("output %s: cannot write (%s: %s)", target, type(e).__name__, e)
+            failed.append((path, f"cannot write output {target}: {type(e).__name__}: {e}"))
+            continue
         n_masks += len(records)
         bar.set_postfix(masks=len(records))
-        if fmt == "png":
-            write_png_folder(records, out / path.stem)
-        elif fmt == "coco_rle":
-            _write_atomic(out / f"{path.stem}.json", json.dumps(records).encode())
-        else:
-            from pipeline.sa1b_writer import write_image_json
-
-            rec = sa1b_record(records, image_id_of(path, i), path, image.shape[:2])
-            _write_atomic(out / f"{path.stem}.json", write_image_json(rec))
     dt = time.perf_counter() - t0
     done = len(images) - len(failed)
     print(f"sam-amg: {done} image(s), {n_masks} masks in {dt:.1f}s "

@@ -49,6 +49,23 @@ def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def pil_to_rgb(im) -> np.ndarray:
+    """A PIL image as an HxWx3 uint8 RGB array, EXIF orientation applied (as OpenCV's
+    ``imread`` does). 16- and 32-bit grayscale is scaled to 8 bits, not clipped (Pillow's
+    ``convert("RGB")`` would clip it to 255, a nearly white image); float images in
+    [0, 1] are scaled by 255."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        return as_rgb_uint8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        a = a * 255 if np.nanmax(a, initial=0) <= 1.0 else a
+        return as_rgb_uint8(np.nan_to_num(np.clip(a, 0, 255)).round().astype(np.uint8))
+    return np.asarray(im.convert("RGB"))
+
+
 class SamPredictor:
     """Same public interface as the reference predictor, plus:
 

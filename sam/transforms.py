@@ -19,7 +19,9 @@ class ResizeLongestSide:
     @staticmethod
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
         scale = long_side_length * 1.0 / max(oldh, oldw)
-        return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+        # at least one pixel: a 1 x 2000 image would otherwise shrink to nothing (the
+        # reference fails there); everywhere else the same sizes as the reference
+        return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """HWC uint8 -> HWC uint8 with the longest side `target_length`."""

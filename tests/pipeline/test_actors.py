@@ -267,3 +267,18 @@ def test_a_failing_write_fails_the_shard_without_hanging(tmp_path, model_files, 
     assert isinstance(result.get("error"), OSError)
     assert not (out / "_commits").exists()  # not committed
     assert hidden_files(out) == []  # no temp file left behind
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
+    """A 16-bit grayscale PNG is scaled (not clipped to white by Pillow's RGB convert),
+    and the stored JPEG is the scaled image."""
+    from pipeline.actors import load_image
+
+    ramp = (np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    it = load_image(1, "g16.png", buf.getvalue())
+    assert it.status == "ok" and it.image.shape == (48, 64, 3)
+    assert np.abs(it.image[..., 1].astype(int) - (ramp >> 8)).max() <= 1
+    stored = np.asarray(Image.open(io.BytesIO(it.jpeg)).convert("L")).astype(int)
+    assert np.abs(stored - (ramp >> 8)).mean() < 2

@@ -214,3 +214,37 @@ def test_bad_arguments(models):
         SamAutomaticMaskGenerator(ours, output_mode="png")
     with pytest.raises(ValueError, match="unknown preset"):
         SamAutomaticMaskGenerator.from_preset(ours, "nope")
+    for kw, message in [
+        ({"points_per_side": 0}, "points_per_side must be at least 1"),
+        ({"crop_n_layers": 3, "crop_n_points_downscale_factor": 4}, "crop layer 3 would have no"),
+        ({"crop_overlap_ratio": 1.0}, r"crop_overlap_ratio must be in \[0, 1\)"),
+        ({"crop_overlap_ratio": -0.1}, "crop_overlap_ratio"),
+        ({"stability_score_thresh": 1.01}, "stability_score_thresh must be at most 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SamAutomaticMaskGenerator(ours, **kw)
+
+
+@pytest.mark.parametrize("shape", [(1, 2000), (2000, 1), (3, 1500), (1, 1)])
+def test_thin_images(models, shape):
+    """Images so thin that the resized short side would round to 0 (the reference fails
+    on those) are resized to one pixel; elsewhere the sizes are the reference's."""
+    from sam.transforms import ResizeLongestSide
+
+    RefResize = pytest.importorskip("segment_anything.utils.transforms").ResizeLongestSide
+
+    ours, _ = models
+    for h, w in [(2, 2000), (600, 1), (1500, 1500), (333, 1000), shape]:
+        mine = ResizeLongestSide.get_preprocess_shape(h, w, 1024)
+        ref = RefResize.get_preprocess_shape(h, w, 1024)
+        assert mine == (max(1, ref[0]), max(1, ref[1]))
+    img = (np.random.default_rng(0).random((*shape, 3)) * 255).astype(np.uint8)
+    gen = SamAutomaticMaskGenerator(ours, points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0)
+    records = gen.generate(img)
+    assert records and all(r["segmentation"].shape == shape for r in records)
+    for r in records:  # the reference's record conventions hold: inclusive XYWH boxes
+        m = r["segmentation"]
+        assert r["area"] == m.sum()
+        if m.any():
+            ys, xs = np.nonzero(m)
+            assert r["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]

@@ -71,3 +71,92 @@ def test_errors(tmp_path, capsys, image_dir):
     err = capsys.readouterr().err
     assert "corrupt.jpg" in err
     assert (tmp_path / "o2" / "sa_42" / "metadata.csv").exists()  # the good images are kept
+
+
+def test_broken_images_of_every_kind_are_per_image_failures(
+    tmp_path, capsys, image_dir, monkeypatch
+):
+    """PIL fails on broken files with OSError, but also SyntaxError ("broken PNG file")
+    or struct.error (bad EXIF): each is one message naming the file, and the other
+    images are still written."""
+    import struct
+
+    import PIL.Image
+
+    png = (image_dir / "b.png").read_bytes()
+    (image_dir / "truncated.png").write_bytes(png[: len(png) // 2])  # OSError
+    (image_dir / "syntax.png").write_bytes(png)
+    (image_dir / "exif.png").write_bytes(png)
+    (image_dir / "empty.jpg").write_bytes(b"")
+    real_open = PIL.Image.open
+
+    def pil_open(fp, *a, **k):  # the failures PIL raises for some malformed files
+        name = getattr(fp, "name", str(fp))
+        if name.endswith("syntax.png"):
+            raise SyntaxError("broken PNG file")
+        if name.endswith("exif.png"):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(PIL.Image, "open", pil_open)
+    assert main(["--input", str(image_dir), "--output", str(tmp_path / "o"), *FAST]) == 1
+    err = capsys.readouterr().err
+    for name in ("truncated.png", "syntax.png", "exif.png", "empty.jpg"):
+        assert f"failed: {image_dir / name}: image {image_dir / name}: cannot be read" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "o" / "sa_42" / "metadata.csv").exists()
+    assert (tmp_path / "o" / "b" / "metadata.csv").exists()
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """Like OpenCV's imread (the reference script's reader): 16-bit gray becomes 8-bit by
+    scaling; Pillow's convert("RGB") would clip it to a nearly white image."""
+    from sam.cli import read_image
+
+    ramp = (np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    img = read_image(tmp_path / "g16.png")
+    assert img.shape == (40, 50, 3) and img.dtype == np.uint8
+    assert (img[..., 0] == img[..., 2]).all()
+    assert np.abs(img[..., 0].astype(int) - (ramp >> 8)).max() <= 1
+
+
+def test_png_rerun_replaces_the_folder(image_dir, tmp_path):
+    """A second run into the same output leaves only its own masks (the reference script
+    refuses an existing folder; leaving the first run's PNGs would mix two runs)."""
+    out = tmp_path / "out"
+    assert main(["--input", str(image_dir), "--output", str(out), *FAST]) == 0
+    stale = out / "sa_42" / "999.png"
+    stale.write_bytes(b"from an earlier run")
+    assert main(["--input", str(image_dir), "--output", str(out), *FAST]) == 0
+    rows = list(csv.DictReader(open(out / "sa_42" / "metadata.csv")))
+    assert sorted(p.name for p in (out / "sa_42").iterdir()) == sorted(
+        [f"{r['id']}.png" for r in rows] + ["metadata.csv"]
+    )
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--points-per-side", "0"], "points_per_side must be at least 1"),
+        (["--crop-n-layers", "6", "--crop-n-points-downscale-factor", "2"], "crop layer 6 would"),
+        (["--crop-n-layers", "1", "--crop-overlap-ratio", "5"], "crop_overlap_ratio must be"),
+        (["--stability-score-thresh", "1.5"], "stability_score_thresh must be at most 1"),
+    ],
+)
+def test_impossible_generator_flags_exit_2(image_dir, tmp_path, capsys, flags, message):
+    assert main(["--input", str(image_dir), "--output", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_output_problems_and_clashing_stems(image_dir, tmp_path, capsys):
+    taken = tmp_path / "file"
+    taken.write_text("not a folder")
+    assert main(["--input", str(image_dir), "--output", str(taken), *FAST]) == 2
+    assert f"output {taken}: cannot create the folder" in capsys.readouterr().err
+    Image.open(image_dir / "b.png").save(image_dir / "sa_42.png")  # sa_42.jpg is there too
+    assert main(["--input", str(image_dir), "--output", str(tmp_path / "o"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "sa_42.jpg and sa_42.png would write the same output sa_42" in err
