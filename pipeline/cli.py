@@ -392,9 +392,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.shard}: no image {args.id}")
     try:
         im = render_overlay(recs[0], max_masks=args.max_masks)
-    except (KeyError, TypeError, ValueError) as e:  # RecordError passes: it names the member
-        if isinstance(e, RecordError):
-            raise
+    except RecordError:  # names the member already
+        raise
+    except (KeyError, TypeError, ValueError) as e:
         raise recs[0].malformed(describe(e)) from None
     out = args.out or f"sa_{args.id}_overlay.png"
     with atomic_write(out) as f:
