@@ -185,9 +185,7 @@ def draw_worst(model, instances: list[dict], path: str, n: int = 12, scene_args=
         gt = current.masks[r["index"]]
         x, y = interior_point(gt)
         masks, _, _ = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=True)
-        inter = (masks & gt).sum((1, 2))
-        union = (masks | gt).sum((1, 2))
-        mask = masks[int(np.argmax(inter / np.maximum(union, 1)))]
+        mask = masks[int(iou(torch.from_numpy(masks), torch.from_numpy(gt)).argmax())]
         ys, xs = np.nonzero(gt | mask)
         cy, cx = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
         half = max(ys.max() - ys.min(), xs.max() - xs.min()) // 2 + 24
@@ -294,6 +292,7 @@ def evaluate(
         predictor.set_image(scene.image)
         fg = scene.indices("object", "part")
         bg = scene.indices("background")
+        best: dict[str, list[float]] = {}
         for key, idx, mode in (
             ("point", fg, "point"),
             ("box", fg, "box"),
@@ -302,21 +301,19 @@ def evaluate(
             r = prompt_ious(predictor, scene, idx, mode)
             for f in r:
                 acc[key][f] += r[f]
-            if key == "point":
-                point_ious = r["best"]
-            elif key == "box":
-                area = scene.areas() / (scene.height * scene.width)
-                instances += [
-                    {
-                        "seed": seed_base + k,
-                        "index": int(i),
-                        "shape": scene.shapes[i],
-                        "area": float(area[i]),
-                        "point": p,
-                        "box": b,
-                    }
-                    for i, p, b in zip(fg, point_ious, r["best"])
-                ]
+            best[key] = r["best"]
+        area = scene.areas() / (scene.height * scene.width)
+        instances += [
+            {
+                "seed": seed_base + k,
+                "index": int(i),
+                "shape": scene.shapes[i],
+                "area": float(area[i]),
+                "point": p,
+                "box": b,
+            }
+            for i, p, b in zip(fg, best["point"], best["box"])
+        ]
         if k == 0 and grid:
             grid_count = len(grid_distinct_masks(predictor, grid))
             grid_relaxed = len(grid_distinct_masks(predictor, grid, 0.5, 0.8))
