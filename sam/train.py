@@ -70,6 +70,12 @@ DEFAULT_DATA = {
     "long_max": 1024,
     "min_aspect": 0.5,
     "p_jpeg": 0.5,
+    # prompts pick instances with these relative weights: background regions weigh
+    # ``bg_weight``; thin bars and objects under ``small_area`` of the image (the classes
+    # the tiny model finds hardest) weigh ``hard_weight``; everything else 1
+    "bg_weight": 0.4,
+    "hard_weight": 1.0,
+    "small_area": 0.01,
 }
 
 
@@ -92,6 +98,17 @@ def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- data
+
+
+def instance_weights(scene, data: dict) -> np.ndarray:
+    """Relative chance of each instance of ``scene`` to get a prompt (see DEFAULT_DATA)."""
+    kinds = np.array(scene.kinds)
+    weight = np.where(kinds == "background", float(data["bg_weight"]), 1.0)
+    if data["hard_weight"] != 1.0:
+        small = scene.areas() < data["small_area"] * scene.height * scene.width
+        hard = (kinds != "background") & ((np.array(scene.shapes) == "bar") | small)
+        weight = np.where(hard, weight * float(data["hard_weight"]), weight)
+    return weight
 
 
 def make_sample(
@@ -137,9 +154,8 @@ def make_sample(
     x = np.zeros((image_size, image_size, 3), np.uint8)  # normalised in normalise()
     x[:nh, :nw] = img
 
-    # choose instances: objects and parts weigh more than background regions
     kinds = np.array(scene.kinds)
-    weight = np.where(kinds == "background", 0.4, 1.0)
+    weight = instance_weights(scene, data)
     p = weight / weight.sum()
     chosen = rng.choice(len(kinds), size=min(n_prompts, len(kinds)), replace=False, p=p)
     if n_prompts > len(kinds):  # more prompts than instances: repeats get other prompts

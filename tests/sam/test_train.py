@@ -80,6 +80,34 @@ def test_sample_targets_and_prompts_match_the_scene():
             assert tgt[j, int(y) // 4, int(x) // 4] > 0, "the point lies on its target"
 
 
+def test_hard_instances_weigh_more_when_asked():
+    data = {**T.DEFAULT_DATA, **SMALL_DATA, "max_objects": 8, "hard_weight": 1e6}
+    seen = {"hard": 0, "other": 0}
+    for i in range(40):
+        s = T.make_sample(T.scene_seed(0, i, 0, 1), 128, 1, data, target_scale=1)
+        scene = _scene_of(s, data)
+        areas = scene.areas()
+        image_area = scene.height * scene.width
+        hard = [
+            k
+            for k, kind in enumerate(scene.kinds)
+            if kind != "background"
+            and (scene.shapes[k] == "bar" or areas[k] < data["small_area"] * image_area)
+        ]
+        w = T.instance_weights(scene, data)
+        for k, kind in enumerate(scene.kinds):  # the weights follow the documented rule
+            base = data["bg_weight"] if kind == "background" else 1.0
+            assert w[k] == pytest.approx(base * (1e6 if k in hard else 1.0))
+        if not hard:
+            continue
+        area = round(float(s["target"][0].sum()) * 16)  # native size: area is exact
+        seen["hard" if any(areas[k] == area for k in hard) else "other"] += 1
+    assert seen["hard"] >= 5 and seen["other"] == 0, seen
+    # the default leaves the weighting as it was: objects 1, background 0.4
+    w = T.instance_weights(scene, {**data, "hard_weight": 1.0})
+    assert set(w.tolist()) <= {1.0, data["bg_weight"]}
+
+
 @pytest.mark.parametrize("scale", [2, 4])
 def test_binary_targets_on_a_finer_grid(scale):
     data = {**T.DEFAULT_DATA, **SMALL_DATA}
