@@ -501,6 +501,11 @@ def train(
 ) -> dict:
     """Train and write ``out`` (state dict) plus ``out`` with ``.json`` (metadata)."""
     cfg = model_config(config) if isinstance(config, str) else validate_config(dict(config))
+    unknown = sorted(set(data or {}) - set(DEFAULT_DATA))
+    if unknown:
+        raise ValueError(
+            f"unknown data parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_DATA)}"
+        )
     data = {**DEFAULT_DATA, **(data or {})}
     torch.manual_seed(seed)
     threads = threads or max(1, len(os.sched_getaffinity(0)))
@@ -705,6 +710,29 @@ def train(
     return meta
 
 
+def _data_arg(parser: argparse.ArgumentParser, text: str | None) -> dict | None:
+    if not text:
+        return None
+    source = "--data"
+    if text.lstrip()[:1] not in ("{", "["):
+        source = text
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            parser.error(f"--data {source}: {e.strerror or e}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        parser.error(f"{source}: not valid JSON ({e})")
+    if not isinstance(data, dict):
+        parser.error(f"{source}: expected a JSON object of data parameters")
+    unknown = sorted(set(data) - set(DEFAULT_DATA))
+    if unknown:
+        parser.error(f"{source}: unknown data parameter(s) {', '.join(unknown)}")
+    return data
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sam.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="checkpoint path (.pth); metadata goes to .json")
@@ -733,7 +761,12 @@ def main(argv=None):
         help="wall-time budget: the LR schedule follows max(step, time) progress and training "
         "stops (and writes) when the budget is spent; the steps done are recorded",
     )
-    p.add_argument("--data", default=None, help="JSON overriding scene-generator parameters")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="JSON object (or a .json file holding one) overriding scene-generator and "
+        "prompt-sampling parameters (sam.train.DEFAULT_DATA)",
+    )
     p.add_argument("--loss", choices=["bce", "focal"], default="bce", help="see seg_loss")
     p.add_argument(
         "--target-scale",
@@ -769,7 +802,7 @@ def main(argv=None):
         workers=a.workers,
         save_every=a.save_every,
         resume=a.resume,
-        data=json.loads(a.data) if a.data else None,
+        data=_data_arg(p, a.data),
         log_every=a.log_every,
         loss=a.loss,
         progress=not a.no_progress,

@@ -287,3 +287,29 @@ def test_batched_loss_equals_the_mean_of_per_scene_losses():
         parts = [T.compute_loss(model, [s], 0.0, np.random.default_rng(0)) for s in batch]
     assert float(whole) == pytest.approx(np.mean([float(p[0]) for p in parts]), rel=1e-4)
     assert stats["best_iou"] == pytest.approx(np.mean([p[1]["best_iou"] for p in parts]), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ('{"hard_weigth": 2}', "unknown data parameter(s) hard_weigth"),
+        ("[1]", "expected a JSON object"),
+        ("{bad", "not valid JSON"),
+        ("missing.json", "missing.json"),
+    ],
+)
+def test_bad_data_argument_is_refused_before_training(tmp_path, capsys, arg, message):
+    out = tmp_path / "m.pth"
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(out), "--steps", "0", "--data", arg])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_data_argument_from_a_file_and_unknown_keys_in_the_api(tmp_path):
+    f = tmp_path / "data.json"
+    f.write_text(json.dumps({"hard_weight": 3.0, "max_objects": 5}))
+    assert T._data_arg(None, str(f)) == {"hard_weight": 3.0, "max_objects": 5}
+    with pytest.raises(ValueError, match="unknown data parameter"):
+        T.train(out=str(tmp_path / "m.pth"), steps=0, data={"nope": 1})
