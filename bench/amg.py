@@ -5,7 +5,7 @@
 For each model: wall time per image of both generators, the speed-up, record counts, and
 a per-stage breakdown (ours: encoder, decoder, upsampling+filtering, NMS, RLE encoding;
 the reference: encoder, decoder+upsampling, the rest). On CUDA also images/s in fp32 and
-bf16, peak GPU memory, and bf16's agreement with fp32.
+bf16, peak GPU memory, and bf16's agreement with fp32; on CUDA ``vit_h`` always runs too.
 
 Note: `vit_b` runs with seeded random weights (no official weights here); its masks are
 few, so its figures mostly measure the encoder and decoder. The tiny model is trained

@@ -14,8 +14,9 @@ Scenes come from ``sam.scenes.make_scene`` with seeds below ``sam.train.TRAIN_SE
   and the single-output mask);
 * the predicted-IoU error and the stability score of the chosen masks, and background
   regions separately;
-* the same mIoUs by shape (ellipse, polygon, star, ring, bar, rect, blob) and by size
-  (share of the image's area), which show where the model fails;
+* the same mIoUs by shape (ellipse, polygon, star, ring, bar, rect, blob; ``part``: the
+  inner parts of objects) and by size (share of the image's area), which show where the
+  model fails;
 * grid: distinct confident masks over a 16x16 point grid on the first scene;
 * AMG recall (``--amg``): recall of ground-truth objects at IoU 0.5 and 0.75 by
   ``sam.SamAutomaticMaskGenerator`` (see :func:`amg_recall`).

@@ -9,7 +9,7 @@
    dead actor is replaced; a shard that fails ``max_attempts`` times is reported failed.
 4. Progress bars over shards and images, then a summary (also written to
    ``_run/last_run.json``). :func:`run_generation` returns it; exit status 0 only when
-   every shard of the plan is committed.
+   every shard of the plan is committed and no input shard was damaged.
 """
 
 from __future__ import annotations
@@ -550,6 +550,13 @@ def _default_actors(cfg: GenerateConfig) -> tuple[int, float]:
     gpus = cfg.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+        if not gpus and cfg.model != "tiny":
+            log.warning(
+                "the cluster has no GPU now, so %s runs on CPU-only actors; on a cluster "
+                "whose GPU workers scale from zero pass --gpus-per-actor 1 --num-actors N "
+                "and Ray launches them",
+                cfg.model,
+            )
     if cfg.num_actors is not None:
         n = cfg.num_actors
     elif gpus > 0:

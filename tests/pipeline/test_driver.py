@@ -54,3 +54,32 @@ def test_worker_env_forwards_store_settings_but_no_secret(monkeypatch):
     conf = {}
     fsspec.config.set_conf_env(conf, {"FSSPEC_S3": out["FSSPEC_S3"]})
     assert conf["s3"]["client_kwargs"] == {"endpoint_url": "http://minio:9000"}
+
+
+def _actors(monkeypatch, caplog, resources, **cfg):
+    import ray
+
+    from pipeline import driver
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(resources))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.driver"):
+        got = driver._default_actors(GenerateConfig("in", "out", **cfg))
+    return got, [r.getMessage() for r in caplog.records]
+
+
+def test_actor_count_follows_the_cluster_and_warns_when_a_big_model_gets_no_gpu(
+    monkeypatch, caplog
+):
+    # one actor per GPU when there are GPUs
+    assert _actors(monkeypatch, caplog, {"CPU": 32, "GPU": 4}, model="vit_h") == ((4, 1.0), [])
+    assert _actors(monkeypatch, caplog, {"CPU": 32, "GPU": 4}, gpus_per_actor=0.5)[0] == (8, 0.5)
+    # no GPU: one actor per cpus_per_actor CPUs; the tiny model is meant for that ...
+    assert _actors(monkeypatch, caplog, {"CPU": 6}, cpus_per_actor=2.0) == ((3, 0.0), [])
+    # ... a ViT model is not: the user hears how to get GPU actors from an autoscaler
+    (n, gpus), warnings = _actors(monkeypatch, caplog, {"CPU": 2}, model="vit_h")
+    assert (n, gpus) == (2, 0.0)
+    assert len(warnings) == 1 and "--gpus-per-actor 1 --num-actors N" in warnings[0]
+    # asked for explicitly: GPU actors even while the cluster has none yet (autoscaling)
+    got = _actors(monkeypatch, caplog, {"CPU": 2}, model="vit_h", gpus_per_actor=1.0, num_actors=8)
+    assert got == ((8, 1.0), [])
