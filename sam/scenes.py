@@ -272,6 +272,18 @@ def _background_labels(rng: np.random.Generator, h: int, w: int, n: int) -> np.n
     return np.argmin(d, axis=0).astype(np.int32)
 
 
+def _merge_small_labels(lab: np.ndarray, min_area: int) -> np.ndarray:
+    """Merge every label smaller than ``min_area`` pixels, smallest first, into the label
+    it borders most; a single remaining label is kept whatever its size."""
+    while True:
+        values, counts = np.unique(lab, return_counts=True)
+        if len(values) <= 1 or counts.min() >= min_area:
+            return lab
+        m = lab == values[int(np.argmin(counts))]
+        ring = cv2.dilate(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~m
+        lab[m] = int(np.bincount(lab[ring]).argmax())
+
+
 # --------------------------------------------------------------------------- scene
 
 
@@ -328,14 +340,9 @@ def make_scene(
 
     # background partition
     n_bg = int(rng.integers(1, max_background_regions + 1))
-    lab = _background_labels(rng, h, w, n_bg)
-    used = [int(v) for v in np.unique(lab)]
-    for v in used:
+    lab = _merge_small_labels(_background_labels(rng, h, w, n_bg), min_area)
+    for v in np.unique(lab):
         m = lab == v
-        if m.sum() < min_area and len(kinds) > 0:
-            # too small: merge into the previous region
-            lab[m] = used[0]
-            continue
         idx = len(kinds)
         under = None if not kinds else canvas[top >= 0].reshape(-1, 3).mean(0)
         color = _contrasting_color(rng, under, tries=3)

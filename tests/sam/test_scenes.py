@@ -53,6 +53,27 @@ def test_masks_partition_the_image_and_parts_nest(seed):
     assert s.areas().min() >= 48
 
 
+@pytest.mark.parametrize(
+    "seed, size, kwargs",
+    [
+        (111, (64, 64), {"min_objects": 0, "max_objects": 0}),  # a sliver of a region
+        (111, (64, 64), {}),
+        (1874, (128, 192), {}),
+        (701, (64, 64), {"min_objects": 3, "max_objects": 3}),  # the first region tiny
+        (5268, (64, 64), {"min_objects": 3, "max_objects": 3}),
+    ],
+)
+def test_background_slivers_merge_into_a_neighbour(seed, size, kwargs):
+    """Background regions under the minimum area are merged into the region they border,
+    so every pixel still has exactly one owner and no instance is too small to see."""
+    s = make_scene(seed, *size, **kwargs)
+    cover = s.masks[s.indices("background", "object")].sum(0)
+    assert cover.min() == 1 and cover.max() == 1
+    assert s.areas().min() >= 48
+    if kwargs.get("min_objects"):
+        assert len(s.indices("object")) >= 1
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_flat_scene_has_one_colour_per_visible_instance(seed):
     """With flat fills and no noise, the drawn image and the masks agree pixel for
