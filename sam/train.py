@@ -501,12 +501,12 @@ def train(
 ) -> dict:
     """Train and write ``out`` (state dict) plus ``out`` with ``.json`` (metadata)."""
     cfg = model_config(config) if isinstance(config, str) else validate_config(dict(config))
-    unknown = sorted(set(data or {}) - set(DEFAULT_DATA))
-    if unknown:
-        raise ValueError(
-            f"unknown data parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_DATA)}"
-        )
-    data = {**DEFAULT_DATA, **(data or {})}
+    data = check_data(data)
+    check_run_args(
+        out=out, steps=steps, seed=seed, batch=batch, prompts=prompts, lr=lr, warmup=warmup,
+        refine_frac=refine_frac, workers=workers, save_every=save_every,
+        log_every=log_every, max_minutes=max_minutes,
+    )  # fmt: skip
     torch.manual_seed(seed)
     threads = threads or max(1, len(os.sched_getaffinity(0)))
     torch.set_num_threads(threads)
@@ -534,14 +534,17 @@ def train(
     )
     state_path = out + ".state"
     start, elapsed, history = 0, 0.0, []
+    # (the trailing 0 keeps the stream of earlier versions, which keyed it by the start step)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0FFEE, 0]))
     if resume and os.path.exists(state_path):
-        st = torch.load(state_path, map_location=dev, weights_only=False)
+        st = torch.load(state_path, map_location=dev, weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start, elapsed, history = st["step"], st["elapsed"], st["history"]
+        rng.bit_generator.state = json.loads(st["rng"])
         log.info("resumed at step %d (%.1f min trained)", start, elapsed / 60)
-
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC0FFEE, start]))
+    elif resume:
+        log.warning("no %s to resume from: starting at step 0", state_path)
     stream = SceneStream(
         seed, start, steps, batch, cfg["image_size"], prompts, data, target_scale
     )
@@ -581,6 +584,7 @@ def train(
                 "step": step_done,
                 "elapsed": elapsed + time.time() - t0,
                 "history": history,
+                "rng": json.dumps(rng.bit_generator.state),
             },
             tmp,
         )
@@ -637,6 +641,8 @@ def train(
     if bar is not None:
         bar.close()
     steps_done = step_done
+    if save_every and steps_done > start:
+        save_state()  # a later --resume (more steps or minutes) goes on from here
     total = elapsed + time.time() - t0
 
     save_weights()
@@ -697,8 +703,9 @@ def train(
                 meta["eval"] = old["eval"]
         except (OSError, ValueError):
             pass
-    with open(meta_path, "w") as f:
+    with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1)
+    os.replace(meta_path + ".tmp", meta_path)
     log.info(
         "wrote %s (%d bytes, sha256 %s) after %d steps, %.1f min",
         out,
@@ -708,6 +715,58 @@ def train(
         total / 60,
     )
     return meta
+
+
+def check_data(data: dict | None) -> dict:
+    """``DEFAULT_DATA`` updated with ``data``; unknown keys and impossible values raise
+    ``ValueError`` naming the parameter."""
+    unknown = sorted(set(data or {}) - set(DEFAULT_DATA))
+    if unknown:
+        raise ValueError(
+            f"unknown data parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_DATA)}"
+        )
+    d = {**DEFAULT_DATA, **(data or {})}
+    for k, v in d.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"data parameter {k} must be a number, not {v!r}")
+    rules = [
+        ("min_objects", 0 <= d["min_objects"] <= d["max_objects"], "0 <= min <= max_objects"),
+        ("max_background_regions", d["max_background_regions"] >= 1, ">= 1"),
+        ("min_size", 0 < d["min_size"] <= d["max_size"] < 1, "0 < min <= max_size < 1"),
+        ("long_min", 64 <= d["long_min"] <= d["long_max"] <= 8192, "64 <= min <= long_max"),
+        ("min_aspect", 0 < d["min_aspect"] <= 1, "in (0, 1]"),
+        ("bg_weight", d["bg_weight"] > 0, "> 0"),
+        ("hard_weight", d["hard_weight"] > 0, "> 0"),
+        ("small_area", 0 <= d["small_area"] <= 1, "in [0, 1]"),
+    ]
+    rules += [(k, 0 <= d[k] <= 1, "in [0, 1]") for k in ("parts_prob", "p_native", "p_jpeg")]
+    for k, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"data parameter {k} must be {rule}")
+    return d
+
+
+def check_run_args(**a) -> None:
+    """Refuse impossible training arguments before any work, naming the argument."""
+    rules = [
+        ("steps", a["steps"] >= 0, ">= 0"),
+        ("seed", a["seed"] >= 0, ">= 0"),
+        ("batch", a["batch"] >= 1, ">= 1"),
+        ("prompts", a["prompts"] >= 1, ">= 1"),
+        ("lr", a["lr"] > 0, "> 0"),
+        ("warmup", a["warmup"] >= 0, ">= 0"),
+        ("refine_frac", 0 <= a["refine_frac"] <= 1, "in [0, 1]"),
+        ("workers", a["workers"] >= 0, ">= 0"),
+        ("save_every", a["save_every"] >= 0, ">= 0 (0: no intermediate saves)"),
+        ("log_every", a["log_every"] >= 1, ">= 1"),
+        ("max_minutes", a["max_minutes"] is None or a["max_minutes"] > 0, "> 0"),
+    ]
+    for k, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{k} must be {rule}, not {a[k]!r}")
+    out = a["out"]
+    if os.path.splitext(out)[0] + ".json" == out:
+        raise ValueError(f"--out {out}: the metadata goes next to it as .json; use a .pth name")
 
 
 def _data_arg(parser: argparse.ArgumentParser, text: str | None) -> dict | None:
@@ -727,9 +786,10 @@ def _data_arg(parser: argparse.ArgumentParser, text: str | None) -> dict | None:
         parser.error(f"{source}: not valid JSON ({e})")
     if not isinstance(data, dict):
         parser.error(f"{source}: expected a JSON object of data parameters")
-    unknown = sorted(set(data) - set(DEFAULT_DATA))
-    if unknown:
-        parser.error(f"{source}: unknown data parameter(s) {', '.join(unknown)}")
+    try:
+        check_data(data)
+    except ValueError as e:
+        parser.error(f"{source}: {e}")
     return data
 
 
@@ -783,9 +843,26 @@ def main(argv=None):
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = a.config
-    if config.endswith(".json"):
-        with open(config) as f:
-            config = json.load(f)
+    try:
+        if config.endswith(".json"):
+            with open(config, encoding="utf-8") as f:
+                config = validate_config(json.load(f))
+        else:
+            model_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        p.error(f"--config {a.config}: {e.strerror if isinstance(e, OSError) else e}")
+    data = _data_arg(p, a.data)
+    try:
+        check_run_args(
+            out=a.out, steps=a.steps, seed=a.seed, batch=a.batch, prompts=a.prompts,
+            lr=a.lr, warmup=a.warmup, refine_frac=a.refine_frac, workers=a.workers,
+            save_every=a.save_every, log_every=a.log_every, max_minutes=a.max_minutes,
+        )  # fmt: skip
+    except ValueError as e:
+        msg = str(e)
+        p.error(msg if msg.startswith("--") else "--" + msg.replace("_", "-", 1))
+    if a.init and not os.path.isfile(a.init):
+        p.error(f"--init {a.init}: no such file")
     train(
         a.out,
         a.steps,
@@ -802,7 +879,7 @@ def main(argv=None):
         workers=a.workers,
         save_every=a.save_every,
         resume=a.resume,
-        data=_data_arg(p, a.data),
+        data=data,
         log_every=a.log_every,
         loss=a.loss,
         progress=not a.no_progress,

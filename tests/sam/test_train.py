@@ -202,7 +202,6 @@ def test_short_training_run_reduces_loss(tmp_path):
 
 
 def test_resume_continues_from_saved_state(tmp_path):
-    out = str(tmp_path / "m.pth")
     kw = dict(
         seed=1,
         config=MICRO,
@@ -214,11 +213,31 @@ def test_resume_continues_from_saved_state(tmp_path):
         save_every=2,
         data=SMALL_DATA,
         progress=False,
+        refine_frac=0.5,  # the refinement round draws from the run's RNG
     )
-    T.train(out, steps=2, **kw)
-    meta = T.train(out, steps=3, resume=True, **kw)
-    assert meta["steps"] == 3
-    assert torch.load(out + ".state", weights_only=False)["step"] == 2
+    whole = str(tmp_path / "whole.pth")
+    T.train(whole, steps=4, **kw)
+    # the same run killed during step 3 (after the save at step 2), then resumed
+    out = str(tmp_path / "m.pth")
+    real, calls = T.compute_loss, []
+
+    def dies_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T, "compute_loss", dies_at_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(out, steps=4, **kw)
+    assert torch.load(out + ".state", weights_only=True)["step"] == 2
+    meta = T.train(out, steps=4, resume=True, **kw)
+    assert meta["steps"] == 4
+    a, b = torch.load(whole, weights_only=True), torch.load(out, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resuming changed the run"
+    # the finished run leaves its final state: more steps later go on from step 4
+    assert torch.load(out + ".state", weights_only=True)["step"] == 4
 
 
 def test_loader_workers_split_steps_in_order():
@@ -296,6 +315,9 @@ def test_batched_loss_equals_the_mean_of_per_scene_losses():
         ("[1]", "expected a JSON object"),
         ("{bad", "not valid JSON"),
         ("missing.json", "missing.json"),
+        ('{"bg_weight": 0}', "bg_weight must be > 0"),
+        ('{"long_min": 900, "long_max": 500}', "long_min must be 64 <= min <= long_max"),
+        ('{"p_jpeg": "yes"}', "p_jpeg must be a number"),
     ],
 )
 def test_bad_data_argument_is_refused_before_training(tmp_path, capsys, arg, message):
@@ -313,3 +335,29 @@ def test_data_argument_from_a_file_and_unknown_keys_in_the_api(tmp_path):
     assert T._data_arg(None, str(f)) == {"hard_weight": 3.0, "max_objects": 5}
     with pytest.raises(ValueError, match="unknown data parameter"):
         T.train(out=str(tmp_path / "m.pth"), steps=0, data={"nope": 1})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompts", "0"], "--prompts must be >= 1"),
+        (["--log-every", "0"], "--log-every must be >= 1"),
+        (["--max-minutes", "0"], "--max-minutes must be > 0"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--config", "vit_q"], "--config vit_q: "),
+        (["--config", "nope.json"], "--config nope.json: No such file"),
+        (["--init", "nope.pth"], "--init nope.pth: no such file"),
+    ],
+)
+def test_bad_training_arguments_are_refused_before_training(tmp_path, capsys, args, message):
+    out = tmp_path / "m.pth"
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(out), "--steps", "1", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_metadata_cannot_overwrite_the_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="use a .pth name"):
+        T.train(str(tmp_path / "m.json"), steps=0, config=MICRO)
