@@ -541,7 +541,10 @@ def train(
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start, elapsed, history = st["step"], st["elapsed"], st["history"]
-        rng.bit_generator.state = json.loads(st["rng"])
+        if "rng" in st:
+            rng.bit_generator.state = json.loads(st["rng"])
+        else:  # written by an earlier version: the refinement draws start afresh
+            log.warning("%s holds no RNG state: refinement draws differ from an unbroken run", state_path)
         log.info("resumed at step %d (%.1f min trained)", start, elapsed / 60)
     elif resume:
         log.warning("no %s to resume from: starting at step 0", state_path)
