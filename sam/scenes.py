@@ -575,8 +575,10 @@ def write_scenes(
         bgr = cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)
         if not cv2.imwrite(jpg, bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)]):
             raise OSError(f"could not write {jpg}")
-        with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        path = os.path.join(out_dir, stem + ".json")
+        with open(path + ".tmp", "w") as f:  # a killed run leaves no truncated JSON
             json.dump(_annotation_json(scene, stem + ".jpg", int(seed)), f)
+        os.replace(path + ".tmp", path)
         written.append(jpg)
     return written
 
