@@ -20,10 +20,16 @@ class RandomFourierEncoding(nn.Module):
         self._grid_cache: dict = {}
 
     def encode(self, xy: torch.Tensor) -> torch.Tensor:
-        """`xy` in [0, 1], shape (..., 2) -> (..., 2 * num_feats)."""
-        proj = (2 * xy - 1) @ self.positional_encoding_gaussian_matrix.to(xy.dtype)
-        proj = proj * (2 * math.pi)
-        return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+        """`xy` in [0, 1], shape (..., 2) -> (..., 2 * num_feats), in the matrix's dtype.
+
+        Always computed in fp32, also under autocast: in bf16 the Fourier phases (up to
+        ~2 pi * |g| * 2) are off by ~0.1 rad, which moves masks visibly."""
+        g = self.positional_encoding_gaussian_matrix
+        with torch.autocast(xy.device.type, enabled=False):
+            proj = (2 * xy.float() - 1) @ g.float()
+            proj = proj * (2 * math.pi)
+            out = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+        return out.to(g.dtype)
 
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Encoding of the centres of an (h, w) grid, shape (C, h, w)."""

@@ -26,19 +26,38 @@ def _object_points(scene, k=6):
 
 
 @pytest.mark.parametrize("mode", ["bf16", "torch_resize"])
-def test_fast_modes_agree_with_exact(tiny, mode):
+def test_fast_modes_agree_with_exact(mode):
+    tiny = sam_model_registry["tiny"]()  # fresh: nothing cached from an fp32 run
     scene = make_scene(seed=40_001, height=420, width=560)
-    exact = SamPredictor(tiny)
     fast = SamPredictor(tiny, precision="bf16") if mode == "bf16" else SamPredictor(tiny, resize="torch")
+    exact = SamPredictor(tiny)
+    fast.set_image(scene.image)  # the fast mode runs first, as in a bf16-only job
     exact.set_image(scene.image)
-    fast.set_image(scene.image)
-    agree = []
-    for x, y in _object_points(scene):
-        a = exact.predict(np.array([[x, y]]), np.array([1]), multimask_output=False)[0]
-        b = fast.predict(np.array([[x, y]]), np.array([1]), multimask_output=False)[0]
-        agree.append((a == b).mean())
-    assert len(agree) >= 3
-    assert np.mean(agree) >= 0.98, agree
+    ious = []
+    for x, y in _object_points(scene, k=8):
+        a = exact.predict(np.array([[x, y]]), np.array([1]), multimask_output=False)[0][0]
+        b = fast.predict(np.array([[x, y]]), np.array([1]), multimask_output=False)[0][0]
+        ious.append((a & b).sum() / max(1, (a | b).sum()))  # IoU: not flattered by background
+    assert len(ious) >= 6
+    assert np.mean(ious) >= 0.97 and min(ious) >= 0.9, np.round(ious, 3)
+
+
+def test_positional_encodings_stay_fp32_under_autocast():
+    """The Fourier phases reach ~2 pi * 10 rad; in bf16 they would be off by ~0.1 rad.
+    Computed first under autocast (so that is what gets cached), they must equal fp32."""
+    fresh = sam_model_registry["tiny"]()
+    pe = fresh.prompt_encoder
+    pts = (torch.tensor([[[10.0, 20.0], [500.0, 300.0]]]), torch.tensor([[1, 0]]))
+    box = torch.tensor([[5.0, 7.0, 400.0, 480.0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dense_bf16 = pe.get_dense_pe()
+        sparse_bf16, _ = pe(points=pts, boxes=box, masks=None)
+    reference = sam_model_registry["tiny"]().prompt_encoder
+    assert dense_bf16.dtype == torch.float32
+    assert torch.equal(dense_bf16, reference.get_dense_pe())
+    assert torch.equal(pe.get_dense_pe(), reference.get_dense_pe())  # cache not poisoned
+    sparse, _ = reference(points=pts, boxes=box, masks=None)
+    assert torch.equal(sparse_bf16.float(), sparse)
 
 
 def test_constant_tensors_are_cached(tiny):
