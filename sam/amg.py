@@ -178,13 +178,14 @@ class SamAutomaticMaskGenerator:
     # ------------------------------------------------------------------ internals
     @contextlib.contextmanager
     def _timed(self, stage: str):
-        sync = self.model.device.type == "cuda"
+        dev = self.model.device
+        sync = dev.type == "cuda"
         if sync:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
         t = time.perf_counter()
         yield
         if sync:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(dev)
         self.timings[stage] += time.perf_counter() - t
 
     def _generate_masks(self, images: list[np.ndarray]) -> list[dict[str, Any]]:

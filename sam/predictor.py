@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -117,7 +118,9 @@ class SamPredictor:
         if self.resize == "pil":
             resized = self.transform.apply_image(np.ascontiguousarray(image))
             return torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None]
-        t = torch.as_tensor(np.ascontiguousarray(image), device=self.device)
+        with warnings.catch_warnings():  # read-only arrays (np.asarray of a PIL image) are
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            t = torch.as_tensor(np.ascontiguousarray(image), device=self.device)  # only read
         t = t.permute(2, 0, 1)[None].float()
         return self.transform.apply_image_torch(t).clamp_(0, 255).round_()
 
