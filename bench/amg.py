@@ -7,7 +7,8 @@ a per-stage breakdown (ours: encoder, decoder, upsampling+filtering, NMS, RLE en
 the reference: encoder, decoder+upsampling, the rest). On CUDA also images/s in fp32 and
 bf16, peak GPU memory, and bf16's agreement with fp32 (the records matched both ways, and
 the decoder's masks and predicted IoUs over a point grid); ``vit_h`` joins the default
-models on CUDA.
+models on CUDA. "fp32" means PyTorch's defaults, the same for both sides: matmuls in
+full fp32, convolutions allowed TF32 by cuDNN.
 
 Note: `vit_b` runs with seeded random weights (no official weights here); its masks are
 few, so its figures mostly measure the encoder and decoder. The tiny model is trained
