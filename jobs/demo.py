@@ -3,8 +3,9 @@
     python -m jobs.demo demo_images [--num-images 32] [--size 384x512] [--seed 0]
     python -m jobs.generate demo_images demo_out --shard-size 8
 
-Images are deterministic for a seed (``sam.scenes``), named ``scene_<seed, 6 digits>.jpg`` (``scene_000000.jpg``); OUTPUT
-may be a local folder or any fsspec URL (``s3://bucket/demo/``).
+Images are deterministic for a seed (``sam.scenes``), named by the seed in six digits
+(``scene_000000.jpg``); OUTPUT may be a local folder or any fsspec URL
+(``s3://bucket/demo/``).
 """
 
 from __future__ import annotations
