@@ -17,7 +17,6 @@ class RandomFourierEncoding(nn.Module):
         super().__init__()
         scale = 1.0 if scale is None or scale <= 0 else scale
         self.register_buffer("positional_encoding_gaussian_matrix", scale * torch.randn(2, num_feats))
-        self._grid_cache: dict = {}
 
     def encode(self, xy: torch.Tensor) -> torch.Tensor:
         """`xy` in [0, 1], shape (..., 2) -> (..., 2 * num_feats), in the matrix's dtype.
@@ -34,9 +33,9 @@ class RandomFourierEncoding(nn.Module):
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Encoding of the centres of an (h, w) grid, shape (C, h, w)."""
         h, w = size
-        g = self.positional_encoding_gaussian_matrix
-        ys = (torch.arange(h, device=g.device, dtype=g.dtype) + 0.5) / h
-        xs = (torch.arange(w, device=g.device, dtype=g.dtype) + 0.5) / w
+        dev = self.positional_encoding_gaussian_matrix.device
+        ys = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h  # fp32 as encode()
+        xs = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w
         xy = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)
         return self.encode(xy).permute(2, 0, 1)
 

@@ -103,12 +103,11 @@ def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
 def instance_weights(scene, data: dict) -> np.ndarray:
     """Relative chance of each instance of ``scene`` to get a prompt (see DEFAULT_DATA)."""
     kinds = np.array(scene.kinds)
-    weight = np.where(kinds == "background", float(data["bg_weight"]), 1.0)
-    if data["hard_weight"] != 1.0:
-        small = scene.areas() < data["small_area"] * scene.height * scene.width
-        hard = (kinds != "background") & ((np.array(scene.shapes) == "bar") | small)
-        weight = np.where(hard, weight * float(data["hard_weight"]), weight)
-    return weight
+    small = scene.areas() < data["small_area"] * scene.height * scene.width
+    hard = (kinds != "background") & ((np.array(scene.shapes) == "bar") | small)
+    return np.where(kinds == "background", float(data["bg_weight"]), 1.0) * np.where(
+        hard, float(data["hard_weight"]), 1.0
+    )
 
 
 def make_sample(
@@ -750,7 +749,8 @@ def check_data(data: dict | None) -> dict:
 
 
 def check_run_args(**a) -> None:
-    """Refuse impossible training arguments before any work, naming the argument."""
+    """Refuse impossible training arguments (``train``'s keywords; others are ignored)
+    before any work, naming the argument."""
     rules = [
         ("steps", a["steps"] >= 0, ">= 0"),
         ("seed", a["seed"] >= 0, ">= 0"),
@@ -854,21 +854,7 @@ def main(argv=None):
             model_config(config)
     except (OSError, ValueError, KeyError, TypeError) as e:
         p.error(f"--config {a.config}: {e.strerror if isinstance(e, OSError) else e}")
-    data = _data_arg(p, a.data)
-    try:
-        check_run_args(
-            out=a.out, steps=a.steps, seed=a.seed, batch=a.batch, prompts=a.prompts,
-            lr=a.lr, warmup=a.warmup, refine_frac=a.refine_frac, workers=a.workers,
-            save_every=a.save_every, log_every=a.log_every, max_minutes=a.max_minutes,
-        )  # fmt: skip
-    except ValueError as e:
-        msg = str(e)
-        p.error(msg if msg.startswith("--") else "--" + msg.replace("_", "-", 1))
-    if a.init and not os.path.isfile(a.init):
-        p.error(f"--init {a.init}: no such file")
-    train(
-        a.out,
-        a.steps,
+    kw = dict(
         seed=a.seed,
         config=config,
         batch=a.batch,
@@ -882,7 +868,7 @@ def main(argv=None):
         workers=a.workers,
         save_every=a.save_every,
         resume=a.resume,
-        data=data,
+        data=_data_arg(p, a.data),
         log_every=a.log_every,
         loss=a.loss,
         progress=not a.no_progress,
@@ -892,6 +878,14 @@ def main(argv=None):
         target_scale=a.target_scale,
         command="python -m sam.train " + " ".join(sys.argv[1:] if argv is None else argv),
     )
+    try:
+        check_run_args(out=a.out, steps=a.steps, **kw)
+    except ValueError as e:
+        msg = str(e)
+        p.error(msg if msg.startswith("--") else "--" + msg.replace("_", "-", 1))
+    if a.init and not os.path.isfile(a.init):
+        p.error(f"--init {a.init}: no such file")
+    train(a.out, a.steps, **kw)
 
 
 if __name__ == "__main__":
