@@ -212,27 +212,42 @@ def _ordered(
 
 
 def _background(it: Iterable[Any], maxsize: int) -> Iterator[Any]:
-    """Iterate ``it`` on a thread (e.g. inflating a tar) with a bounded buffer."""
+    """Iterate ``it`` on a thread (e.g. inflating a tar) with a bounded buffer.
+
+    When the consumer stops early (closes this generator), the thread stops at its next
+    item, closes the source iterator (releasing e.g. an open shard stream) and exits: it
+    never blocks on a queue nobody reads.
+    """
     q: queue.Queue = queue.Queue(maxsize)
     done = object()
     stop = threading.Event()
     err: list[BaseException] = []
 
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run() -> None:
+        source = iter(it)
         try:
-            for x in it:
-                while not stop.is_set():
-                    try:
-                        q.put(x, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            for x in source:
+                if not put(x):
                     return
         except BaseException as e:  # re-raised in the consumer
             err.append(e)
         finally:
-            q.put(done)
+            close = getattr(source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception as e:  # a failing close must not hide the real outcome
+                    log.debug("closing the background source failed: %s", e)
+            put(done)
 
     t = threading.Thread(target=run, name="sa1b-shard-reader", daemon=True)
     t.start()

@@ -282,3 +282,49 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     assert np.abs(it.image[..., 1].astype(int) - (ramp >> 8)).max() <= 1
     stored = np.asarray(Image.open(io.BytesIO(it.jpeg)).convert("L")).astype(int)
     assert np.abs(stored - (ramp >> 8)).mean() < 2
+
+
+def test_background_reader_stops_and_closes_its_source_when_abandoned():
+    """A consumer that stops early (a failed attempt) must not leave the reader thread
+    blocked on a full queue with the shard stream still open."""
+    import threading
+    import time
+
+    from pipeline.actors import _background
+
+    closed = threading.Event()
+
+    def source():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    g = _background(source(), 2)
+    assert [next(g), next(g)] == [0, 1]
+    time.sleep(0.5)  # let the reader fill the queue: the case that used to block
+    g.close()
+    assert closed.wait(5), "the source iterator was not closed"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        t.name == "sa1b-shard-reader" for t in threading.enumerate()
+    ):
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "sa1b-shard-reader"]
+
+
+def test_background_reader_passes_items_and_errors_through():
+    from pipeline.actors import _background
+
+    def failing():
+        yield from range(5)
+        raise OSError("stream reset")
+
+    got = []
+    with pytest.raises(OSError, match="stream reset"):
+        for x in _background(failing(), 2):
+            got.append(x)
+    assert got == list(range(5))
