@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -102,6 +103,10 @@ def _index_one(url: str, out: str, opts: dict[str, Any]) -> dict[str, Any]:
         return index_shard(url, out, **opts).as_dict()
     except (ShardFormatError, OSError) as e:
         return {"shard": redact(url), "complete": False, "error": scrub(str(e)), "fatal": True}
+    except Exception as e:  # a defect, not bad input: still one row, the other shards go on
+        log.exception("%s: indexing failed", redact(url))
+        error = scrub(f"{type(e).__name__}: {e}")
+        return {"shard": redact(url), "complete": False, "error": error, "fatal": True}
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -137,11 +142,15 @@ def cmd_index(args: argparse.Namespace) -> int:
             tot_ann += r["annotations"]
             mbps = r["uncompressed_bytes"] / 1e6 / max(r["seconds"], 1e-9)
             st = "ok" if r["complete"] else f"INCOMPLETE, salvaged ({r['error']})"
+            notes = [f"{len(r[k])} {k.replace('_', ' ')}" for k in ("bad_records", "unpaired")]
+            notes = [n for n in notes if not n.startswith("0 ")]
+            if notes:
+                st += f" ({', '.join(notes)})"
             print(
                 f"{name}: {r['images']} images, {r['annotations']} masks, "
                 f"{r['seconds']:.1f}s ({mbps:.0f} MB/s), {st}"
             )
-            if not r["complete"] or r["bad_records"]:
+            if not r["complete"] or r["bad_records"] or r["unpaired"]:
                 status = EXIT_PROBLEMS
     print(f"total: {tot_img} images, {tot_ann} masks -> {args.out}")
     return status
@@ -186,7 +195,12 @@ def _records(
             with idx.open(url) as ra:
                 present = set(idx.image_ids())
                 for i in sorted(ids & present):  # type: ignore[operator]
-                    yield ra.get(i, load_image=load_images)
+                    try:
+                        rec = ra.get(i, load_image=load_images)
+                    except RecordError as e:  # the caller reports the id as not found
+                        log.error("%s", e)
+                        continue
+                    yield rec
             continue
         reader = ShardReader(url, load_images=load_images)
         for rec in reader:
@@ -211,17 +225,27 @@ def _write_masks_npz(rec: SA1BRecord, path: str) -> None:
     """One ``<ann id>.npy`` entry per mask, written one at a time (bounded memory)."""
     with atomic_write(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
         for i, a in enumerate(rec.annotations):
-            with zf.open(f"{a['id']}.npy", "w", force_zip64=True) as e:
+            with zf.open(f"{int(a['id'])}.npy", "w", force_zip64=True) as e:
                 np.lib.format.write_array(e, rec.mask(i))
 
 
 def _write_masks_png(rec: SA1BRecord, folder: str) -> None:
+    """One ``<ann id>.png`` per mask, written into a temporary folder renamed to
+    ``folder`` when all are in: a folder of masks is never partial."""
     from PIL import Image
 
-    os.makedirs(folder, exist_ok=True)
-    for i, a in enumerate(rec.annotations):
-        with atomic_write(os.path.join(folder, f"{int(a['id'])}.png")) as f:
-            Image.fromarray(rec.mask(i)).convert("1").save(f, format="PNG")
+    tmp = folder + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for i, a in enumerate(rec.annotations):
+            path = os.path.join(tmp, f"{int(a['id'])}.png")
+            Image.fromarray(rec.mask(i)).convert("1").save(path, format="PNG")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -234,17 +258,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
     with _progress(len(ids) if ids else None, "extract", unit="image") as bar:
         for rec in _records(args.shards, ids, args.seek_dir, damaged=damaged):
             base = os.path.join(args.out, f"sa_{int(rec.image_id)}")  # never a member name
-            try:
-                with atomic_write(base + ".jpg") as f:
-                    f.write(rec.jpeg_bytes or b"")
-                with atomic_write(base + ".json") as f:
-                    f.write(rec.json_bytes)
+            try:  # masks first, the JSON last: an image whose masks fail leaves nothing
                 if args.masks == "npz":
                     _write_masks_npz(rec, base + ".masks.npz")
                 elif args.masks == "png":
                     _write_masks_png(rec, base + "_masks")
-            except (RecordError, KeyError, TypeError) as e:
-                log.error("sa_%s: %s", rec.image_id, e)
+                with atomic_write(base + ".jpg") as f:
+                    f.write(rec.jpeg_bytes or b"")
+                with atomic_write(base + ".json") as f:
+                    f.write(rec.json_bytes)
+            except RecordError as e:  # names the member already
+                log.error("%s", e)
+                bad_records += 1
+                continue
+            except (KeyError, TypeError, ValueError, IndexError) as e:  # incl. a bad RLE
+                log.error("%s", rec.malformed(describe(e)))
                 bad_records += 1
                 continue
             done.add(rec.image_id)
@@ -355,7 +383,7 @@ def _coco_entries(rec: SA1BRecord, sa1b_bbox: bool) -> tuple[dict[str, Any], lis
             "point_coords": a["point_coords"],
             "crop_box": a["crop_box"],
         }
-        outs.append(json.dumps(out).encode())
+        outs.append(json.dumps(out, allow_nan=False).encode())  # NaN/Infinity: not JSON
     return image, outs
 
 
@@ -637,6 +665,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CorruptShardError, RecordError, ValueError) as e:
         log.error("%s", scrub(str(e)))
         return EXIT_PROBLEMS
+    except OSError as e:  # (after CorruptShardError, an OSError) a directory, no access
+        if getattr(e, "filename", None) and e.strerror:
+            log.error("%s: %s", scrub(redact(str(e.filename))), e.strerror)
+        else:
+            log.error("%s", describe(e))
+        return EXIT_USAGE
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

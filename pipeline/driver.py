@@ -419,12 +419,14 @@ def worker_env(cfg: GenerateConfig) -> dict[str, str]:
                 value = None
             if isinstance(value, dict):
                 v = json.dumps(_without_secrets(value))
-        env[k] = v
+        env[k] = scrub(v)
     env.update(cfg.worker_env)
     return env
 
 
-_SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL")
+_SECRET_WORDS = (
+    "KEY", "SECRET", "TOKEN", "PASSWORD", "CREDENTIAL", "AUTH", "SIGNATURE", "COOKIE",
+)  # fmt: skip
 
 
 def _secret_name(name: str) -> bool:
@@ -434,10 +436,20 @@ def _secret_name(name: str) -> bool:
 def _without_secrets(options: dict) -> dict:
     """``options`` (nested dicts) without the entries whose name looks like a secret."""
     return {
-        k: _without_secrets(v) if isinstance(v, dict) else v
+        k: _without_secrets(v) if isinstance(v, dict) else _scrub_value(v)
         for k, v in options.items()
         if not _secret_name(str(k))
     }
+
+
+def _scrub_value(v: Any) -> Any:
+    """A setting without the secrets a URL in it may carry (``user:password@``, a
+    signed query string)."""
+    if isinstance(v, str):
+        return scrub(v)
+    if isinstance(v, list):
+        return [_without_secrets(x) if isinstance(x, dict) else _scrub_value(x) for x in v]
+    return v
 
 
 def _connect(cfg: GenerateConfig) -> bool:

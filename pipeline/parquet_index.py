@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_write, basename, describe, exists, join, open_url, redact
+from pipeline.io import atomic_write, basename, describe, exists, join, open_url, redact, remove
 from pipeline.sa1b_reader import (
     CorruptShardError,
     ShardReport,
@@ -109,6 +109,17 @@ def _floats(values: Any, n: int, what: str) -> list[float]:
     return [float(v) for v in values]
 
 
+def _int(value: Any, what: str, bits: int = 64) -> int:
+    """``value`` as an integer that fits the index's ``int<bits>`` column."""
+    try:
+        v = int(value)
+    except OverflowError as e:  # int(inf)
+        raise ValueError(f"{what} is not a finite number: {value!r:.40}") from e
+    if not -(2 ** (bits - 1)) <= v < 2 ** (bits - 1):
+        raise ValueError(f"{what} {v} does not fit a {bits}-bit integer")
+    return v
+
+
 def _counts(segmentation: Any) -> str:
     counts = segmentation["counts"]
     if isinstance(counts, (bytes, bytearray)):
@@ -147,13 +158,13 @@ class IndexPartBuilder:
         leaving half its rows behind."""
         img = record["image"]
         anns = record["annotations"]
-        image_id = int(img["image_id"])
+        image_id = _int(img["image_id"], "image_id")
         if not isinstance(anns, list):
             raise TypeError(f"annotations is a {type(anns).__name__}, not a list")
         cols = (
             [image_id] * len(anns),
-            [int(a["id"]) for a in anns],
-            [int(a["area"]) for a in anns],
+            [_int(a["id"], "annotation id") for a in anns],
+            [_int(a["area"], "area") for a in anns],
             [_floats(a["bbox"], 4, "bbox") for a in anns],
             [float(a["predicted_iou"]) for a in anns],
             [float(a["stability_score"]) for a in anns],
@@ -164,8 +175,8 @@ class IndexPartBuilder:
         row = (
             image_id,
             str(img["file_name"]),
-            int(img["width"]),
-            int(img["height"]),
+            _int(img["width"], "width", 32),
+            _int(img["height"], "height", 32),
             len(anns),
             self.shard,
             jpg[0] if jpg else None,
@@ -289,13 +300,17 @@ def index_shard(
         rep = ShardReport(url=redact(url), complete=True)
         return ShardIndexResult(stem, rep, 0, 0, 0.0, skipped=True)
 
+    # an old report marks the shard complete: it goes before any new part is written, so
+    # a run killed half-way through an --overwrite never leaves a mixed index marked done
+    remove(_report_url(out_dir, url))
     rep = ShardReport(url=redact(url))
     builder = IndexPartBuilder(stem, with_counts=with_counts)
     spacing = spacing or DEFAULT_SPACING
     stream, counter, rep.compression = open_shard_stream(url, backend=backend)
     sidx = SeekIndex(basename(url), rep.compression, 0, 0, spacing) if seek_index else None
     jpgs: dict[int, tuple[int, int]] = {}
-    jsons: set[int] = set()
+    jsons: set[int] = set()  # indexed records
+    seen: set[int] = set()  # every json member, good or bad
 
     def want(name: str) -> bool:
         p = parse_member_name(name)
@@ -311,9 +326,14 @@ def index_shard(
                 rep.skipped.append((m.name, "not an sa_<id>.jpg/.json member"))
                 continue
             image_id, kind = p
+            if (kind == "jpg" and image_id in jpgs) or (kind == "json" and image_id in seen):
+                rep.bad_records.append((m.name, "duplicate member (the first one is indexed)"))
+                log.warning("%s: skipping duplicate member %s", rep.url, m.name)
+                continue
             if kind == "jpg":
                 jpgs[image_id] = (m.offset, m.size)
                 continue
+            seen.add(image_id)
             try:
                 record = json.loads(m.data or b"")
                 if int(record["image"]["image_id"]) != image_id:
@@ -321,7 +341,7 @@ def index_shard(
                         f"image_id {record['image']['image_id']} differs from the member name"
                     )
                 builder.add_record(record, json_loc=(m.offset, m.size))
-            except (ValueError, KeyError, TypeError, IndexError) as e:
+            except (ValueError, KeyError, TypeError, IndexError, OverflowError) as e:
                 rep.bad_records.append((m.name, f"{type(e).__name__}: {e}"))
                 log.warning("%s: skipping %s: %s", rep.url, m.name, e)
                 continue

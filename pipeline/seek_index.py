@@ -29,10 +29,11 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.io import basename, open_url, redact, scrub, url_to_fs, write_bytes
+from pipeline.io import basename, describe, open_url, redact, scrub, url_to_fs, write_bytes
 from pipeline.sa1b_reader import (
     CorruptShardError,
     Member,
+    RecordError,
     SA1BRecord,
     iter_members,
     parse_member_name,
@@ -140,20 +141,20 @@ class SeekIndex:
             if version != VERSION:
                 raise SeekIndexError(f"{where}: seek index version {version} unsupported")
             header = json.loads(zlib.decompress(data[17 : 17 + hlen]))
-        except (struct.error, zlib.error, ValueError) as e:
-            raise SeekIndexError(f"{where}: damaged seek index: {e}") from e
-        return cls(
-            shard=header["shard"],
-            compression=header["compression"],
-            compressed_size=header["compressed_size"],
-            uncompressed_size=header["uncompressed_size"],
-            spacing=header["spacing"],
-            names=header["names"],
-            offsets=header["offsets"],
-            sizes=header["sizes"],
-            checkpoints=bytes(data[17 + hlen :]),
-            source=source,
-        )
+            return cls(
+                shard=header["shard"],
+                compression=header["compression"],
+                compressed_size=header["compressed_size"],
+                uncompressed_size=header["uncompressed_size"],
+                spacing=header["spacing"],
+                names=header["names"],
+                offsets=header["offsets"],
+                sizes=header["sizes"],
+                checkpoints=bytes(data[17 + hlen :]),
+                source=source,
+            )
+        except (struct.error, zlib.error, ValueError, KeyError, TypeError) as e:
+            raise SeekIndexError(f"{where}: damaged seek index: {describe(e)}") from e
 
     def save(self, url: str) -> None:
         write_bytes(url, self.to_bytes())
@@ -297,9 +298,15 @@ class ShardRandomAccess:
         return data
 
     def get(self, image_id: int, *, load_image: bool = True) -> SA1BRecord:
-        """The record of ``image_id`` (``KeyError`` when the shard has no such image)."""
+        """The record of ``image_id`` (``KeyError`` when the shard has no such image,
+        ``RecordError`` when it has the image's JSON but not its JPEG)."""
         js = self.read_member(f"sa_{image_id}.json")
-        jpg_off, jpg_size = self.index.locate(f"sa_{image_id}.jpg")
+        try:
+            jpg_off, jpg_size = self.index.locate(f"sa_{image_id}.jpg")
+        except KeyError:
+            raise RecordError(
+                f"{redact(self.url)}: sa_{image_id}.jpg: no such member (the JSON has no image)"
+            ) from None
         json_off, json_size = self.index.locate(f"sa_{image_id}.json")
         return SA1BRecord(
             image_id=int(image_id),

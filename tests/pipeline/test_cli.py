@@ -350,3 +350,65 @@ def test_coco_and_show_name_a_malformed_record(tmp_path, caplog, capsys, body, w
     assert main(["show", str(shard), "--id", "2", "--out", str(png)]) == 1
     assert f"sa_2.json: malformed record: {why}" in caplog.text and not png.exists()
     assert "Traceback" not in capsys.readouterr().err
+
+
+def _with_member(tmp_path, name, index, body=None, drop=False):
+    """A 3-image shard whose member ``index`` is replaced by ``body`` (or dropped)."""
+    members, _ = members_of(3)
+    if drop:
+        del members[index]
+    else:
+        members[index] = (members[index][0], body)
+    return write_members(tmp_path / name, members)
+
+
+@pytest.mark.parametrize("masks", ["png", "npz"])
+def test_extract_skips_an_image_with_a_bad_mask_and_leaves_nothing_of_it(
+    tmp_path, caplog, capsys, masks
+):
+    """An RLE whose runs do not sum to h*w: one message naming shard and member, the
+    other images extracted, and no jpg/json/masks of the bad one left to look complete."""
+    members, _ = members_of(3)
+    assert members[3][0] == "./sa_2.json"
+    rec = json.loads(members[3][1])
+    rec["annotations"][-1]["segmentation"]["counts"] = "0"  # wrong length
+    shard = _with_member(tmp_path, "sa_000010.tar", 3, json.dumps(rec).encode())
+    out = tmp_path / "ex"
+    assert main(["extract", str(shard), "--out", str(out), "--masks", masks]) == 1
+    errors = _errors(caplog)
+    assert len(errors) == 1 and "sa_000010.tar: sa_2.json: malformed record" in errors[0]
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith("sa_2")]
+    assert {"sa_1.jpg", "sa_1.json", "sa_3.jpg", "sa_3.json"} <= set(names)
+    assert not [n for n in names if "partial" in n or n.startswith(".")]
+    assert "extracted 2 images" in capsys.readouterr().out
+
+
+def test_seek_path_names_a_missing_jpeg_instead_of_a_traceback(tmp_path, caplog, capsys):
+    assert members_of(3)[0][2][0] == "./sa_2.jpg"
+    shard = _with_member(tmp_path, "sa_000011.tar", 2, drop=True)
+    seek = tmp_path / "idx"
+    assert main(["index", str(shard), "--out", str(seek)]) == 1  # unpaired: a problem
+    assert "1 unpaired" in capsys.readouterr().out
+    argv = ["--seek-dir", str(seek / "seek")]
+    assert main(["extract", str(shard), "--out", str(tmp_path / "ex"), "--ids", "2", *argv]) == 1
+    assert "sa_000011.tar: sa_2.jpg: no such member" in caplog.text
+    assert "not found: 2" in capsys.readouterr().out
+    assert main(["show", str(shard), "--id", "2", *argv]) == 2
+
+
+def test_io_errors_other_than_a_missing_file_are_one_message(tmp_path, caplog):
+    assert main(["info", str(tmp_path)]) == 2
+    assert _errors(caplog) == [f"{tmp_path}: Is a directory"]
+
+
+def test_coco_refuses_non_finite_numbers(tmp_path, caplog):
+    members, _ = members_of(3)
+    rec = json.loads(members[3][1])
+    rec["annotations"][0]["predicted_iou"] = float("inf")
+    shard = _with_member(tmp_path, "sa_000012.tar", 3, json.dumps(rec).encode())
+    out = tmp_path / "coco.json"
+    assert main(["coco", str(shard), "--out", str(out)]) == 1
+    assert "sa_000012.tar: sa_2.json: malformed record" in caplog.text
+    coco = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in output"))
+    assert sorted(i["id"] for i in coco["images"]) == [1, 3]

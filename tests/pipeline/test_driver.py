@@ -36,6 +36,11 @@ def test_worker_env_forwards_store_settings_but_no_secret(monkeypatch):
         ),
         "FSSPEC_S3_CLIENT_KWARGS": json.dumps({"region_name": "eu", "aws_session_token": "s-8"}),
         "FSSPEC_HTTP_BLOCK_SIZE": "1048576",
+        "FSSPEC_HTTP": json.dumps(
+            {"client_kwargs": {"headers": {"Authorization": "Bearer s-9", "X-Trace": "on"}}}
+        ),
+        "FSSPEC_S3_ENDPOINT_URL": "http://user:s-10@minio:9000",
+        "AWS_CA_BUNDLE": "/etc/ssl/ca.pem",
         "HOME": "/home/someone",
     }
     for k, v in env.items():
@@ -44,12 +49,16 @@ def test_worker_env_forwards_store_settings_but_no_secret(monkeypatch):
     assert "s-" not in json.dumps(out)
     assert out["AWS_ENDPOINT_URL"] == "http://minio:9000" and out["AWS_REGION"] == "eu-west-1"
     assert out["FSSPEC_HTTP_BLOCK_SIZE"] == "1048576" and "HOME" not in out
+    assert out["FSSPEC_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert out["AWS_CA_BUNDLE"] == "/etc/ssl/ca.pem"
+    assert json.loads(out["FSSPEC_HTTP"]) == {"client_kwargs": {"headers": {"X-Trace": "on"}}}
     # what fsspec makes of the forwarded variables: the same options, less the secrets
     conf: dict = {}
     fsspec.config.set_conf_env(conf, out)
     assert conf["s3"] == {
         "anon": False,
         "client_kwargs": {"region_name": "eu"},  # the option variable applies last
+        "endpoint_url": "http://minio:9000",  # without its user:password@
     }
     conf = {}
     fsspec.config.set_conf_env(conf, {"FSSPEC_S3": out["FSSPEC_S3"]})

@@ -120,6 +120,8 @@ def test_corrupt_json_is_reported_and_the_rest_indexed(tmp_path):
         (lambda a: a.update(crop_box="0 0 8 8"), "crop_box must be a list of 4 numbers"),
         (lambda a: a.update(point_coords=[[1.0]]), "point_coords[0] must be a list of 2"),
         (lambda a: a["segmentation"].update(counts=[3, 4]), "COCO RLE string, got list"),
+        (lambda a: a.update(id=2**70), "annotation id 1180591620717411303424 does not fit"),
+        (lambda a: a.update(area=float("inf")), "area is not a finite number"),
     ],
 )
 def test_malformed_record_fields_are_reported_per_member(tmp_path, damage, message):
@@ -138,6 +140,40 @@ def test_malformed_record_fields_are_reported_per_member(tmp_path, damage, messa
     assert name == "./sa_2.json" and message in why
     assert sorted(pd.read_parquet(out + "/images").image_id) == [1, 3]
     assert is_indexed(out, str(p))
+
+
+def test_duplicate_members_are_reported_and_indexed_once(tmp_path):
+    out = str(tmp_path / "idx")
+    members, _ = members_of(2)
+    names = [n for n, _ in members]
+    members.append(members[names.index("./sa_1.json")])
+    members.append(members[names.index("./sa_2.jpg")])
+    p = write_members(tmp_path / "sa_000007.tar", members)
+    res = index_shard(str(p), out)
+    assert sorted(n for n, _ in res.report.bad_records) == ["./sa_1.json", "./sa_2.jpg"]
+    assert all("duplicate" in why for _, why in res.report.bad_records)
+    assert sorted(pd.read_parquet(out + "/images").image_id) == [1, 2]
+    anns = pd.read_parquet(out + "/annotations")
+    assert not anns.id.duplicated().any()
+
+
+def test_overwrite_killed_half_way_does_not_stay_marked_indexed(tmp_path, monkeypatch):
+    """--overwrite drops the old commit marker before it writes new parts: a run that dies
+    between the parts leaves the shard to be indexed again, never a mixed index marked done."""
+    import pipeline.parquet_index as pi
+
+    out = str(tmp_path / "idx")
+    p, _ = _shard(tmp_path, 3, 1, "sa_000008.tar")
+    index_shard(str(p), out)
+    assert is_indexed(out, str(p))
+
+    def dies(*a, **k):
+        raise OSError("killed while writing parts")
+
+    monkeypatch.setattr(pi, "write_index_part", dies)
+    with pytest.raises(OSError, match="killed"):
+        index_shard(str(p), out, overwrite=True)
+    assert not is_indexed(out, str(p))
 
 
 def test_rows_from_in_memory_records_real_sample(tmp_path):

@@ -67,6 +67,24 @@ def test_damaged_shard_gives_no_index_and_bad_index_is_rejected(big_shard, tmp_p
         SeekIndex.from_bytes(b"garbage" * 10)
 
 
+@pytest.mark.parametrize("key", ["compression", "names"])
+def test_a_seek_index_header_without_a_key_is_rejected_by_name(key):
+    import json
+    import struct
+    import zlib
+
+    from pipeline import seek_index
+
+    good = SeekIndex("sa_000001.tar", "gzip", 10, 20, 1 << 20, ["sa_1.json"], [0], [5])
+    assert SeekIndex.from_bytes(good.to_bytes()).names == ["sa_1.json"]
+    header = {k: v for k, v in json.loads(zlib.decompress(good.to_bytes()[17:])).items()}
+    del header[key]
+    h = zlib.compress(json.dumps(header).encode())
+    data = seek_index.MAGIC + struct.pack("<BQ", seek_index.VERSION, len(h)) + h
+    with pytest.raises(SeekIndexError, match=f"x.sidx: damaged seek index: KeyError: '{key}'"):
+        SeekIndex.from_bytes(data, "x.sidx")
+
+
 def test_random_access_over_http_uses_range_requests(big_shard, http_server):
     path, records = big_shard
     base, root, srv = http_server
