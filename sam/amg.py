@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+MAX_POINTS_PER_SIDE = 1024  # a million prompts per crop; SA-1B used 32
 
 
 @dataclass
@@ -103,6 +105,17 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
         if points_per_batch < 1:
             raise ValueError("points_per_batch must be at least 1")
+        floats = {
+            "pred_iou_thresh": pred_iou_thresh,
+            "stability_score_thresh": stability_score_thresh,
+            "stability_score_offset": stability_score_offset,
+            "box_nms_thresh": box_nms_thresh,
+            "crop_nms_thresh": crop_nms_thresh,
+            "crop_overlap_ratio": crop_overlap_ratio,
+        }
+        for name, v in floats.items():
+            if not math.isfinite(v):  # NaN would silently switch a filter off
+                raise ValueError(f"{name} must be a finite number, got {v}")
         if crop_n_layers < 0 or crop_n_points_downscale_factor < 1:
             raise ValueError("crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1")
         if not 0.0 <= crop_overlap_ratio < 1.0:
@@ -115,8 +128,10 @@ class SamAutomaticMaskGenerator:
         if pred_iou_thresh > 1.0:
             log.warning("pred_iou_thresh %s > 1 keeps almost no masks", pred_iou_thresh)
         if points_per_side is not None:
-            if points_per_side < 1:
-                raise ValueError(f"points_per_side must be at least 1, got {points_per_side}")
+            if not 1 <= points_per_side <= MAX_POINTS_PER_SIDE:
+                raise ValueError(
+                    f"points_per_side must be in [1, {MAX_POINTS_PER_SIDE}], got {points_per_side}"
+                )
             for layer in range(crop_n_layers + 1):
                 if points_per_side // crop_n_points_downscale_factor**layer < 1:
                     raise ValueError(

@@ -105,6 +105,11 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(url)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {display_url(url)}: file not found") from None
+    except Exception as e:  # unknown protocol, missing fsspec backend, storage refusing access
+        why = str(e).replace(url, display_url(url)) or "no details"
+        raise CheckpointError(
+            f"checkpoint {display_url(url)}: cannot open: {type(e).__name__}: {why}"
+        ) from None
     try:
         if isinstance(fs, LocalFileSystem):
             try:  # memory-map: a 2.5 GB checkpoint is not held twice in RAM

@@ -41,7 +41,7 @@ def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{name}: empty image of shape {image.shape}")
     if image.dtype == np.uint16:
-        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        image = (image >> 8).astype(np.uint8)  # as OpenCV converts 16-bit to 8-bit
     elif image.dtype != np.uint8:
         raise ValueError(
             f"{name}: expected uint8 (or uint16) pixels, got {image.dtype}; convert floats "

@@ -17,7 +17,7 @@ from .checkpoint import (
     read_state_dict,
     recognise_official,
 )
-from .config import model_config, validate_config
+from .config import model_config, model_names, validate_config
 from .model import Sam, build_sam_from_config
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,18 @@ def build_sam(
 ) -> Sam:
     """Build a SAM model by registry name or config dict and load `checkpoint`.
 
+    Called the reference's way, ``build_sam("sam_vit_h_4b8939.pth")`` (the reference's
+    ``build_sam`` is ``build_sam_vit_h``), a path or URL as the first argument builds
+    ``vit_h`` from that checkpoint.
+
     `checkpoint` is a local path or any fsspec URL (``s3://...``, ``https://...``); it is
     read with ``torch.load(weights_only=True)`` and must fit the architecture exactly.
     Without a checkpoint the bundled weights are used where the package ships them
     (``tiny``); other models are left randomly initialised, as the reference does.
     Nothing is ever downloaded implicitly.
     """
+    if checkpoint is None and _is_checkpoint_path(model):
+        model, checkpoint = "vit_h", model  # type: ignore[assignment]
     cfg = model_config(model) if isinstance(model, str) else validate_config(model)
     if checkpoint is None:
         checkpoint = bundled_checkpoint(cfg["name"])
@@ -60,8 +66,8 @@ def build_sam(
                 f"checkpoint {checkpoint}: the bundled {cfg['name']} weights are missing from "
                 "this installation"
             )
-    net = build_sam_from_config(cfg)
-    if checkpoint is not None:
+    sd = None
+    if checkpoint is not None:  # read and checked before the model is built: fails fast
         url = os.fspath(checkpoint)
         official = recognise_official(url)
         if official is not None and official.model != cfg["name"]:
@@ -71,11 +77,22 @@ def build_sam(
             )
         sd = read_state_dict(url)
         check_state_dict(sd, cfg, url)
+    net = build_sam_from_config(cfg)
+    if sd is not None:
         net.load_state_dict(sd, strict=True)
-        log.info("loaded %s weights from %s", cfg["name"], display_url(url))
+        log.info("loaded %s weights from %s", cfg["name"], display_url(os.fspath(checkpoint)))
     if device is not None:
         net = net.to(device)
     return net.eval()
+
+
+def _is_checkpoint_path(model: object) -> bool:
+    """Whether ``model`` is a checkpoint's path or URL rather than a model name."""
+    if isinstance(model, os.PathLike):
+        return True
+    if not isinstance(model, str) or model in model_names():
+        return False
+    return any(c in model for c in "/\\.")  # a folder, a URL or a file name with a suffix
 
 
 def _builder(name: str) -> Callable[..., Sam]:

@@ -215,7 +215,11 @@ def test_bad_arguments(models):
     with pytest.raises(ValueError, match="unknown preset"):
         SamAutomaticMaskGenerator.from_preset(ours, "nope")
     for kw, message in [
-        ({"points_per_side": 0}, "points_per_side must be at least 1"),
+        ({"points_per_side": 0}, r"points_per_side must be in \[1, 1024\], got 0"),
+        ({"points_per_side": 70000}, "points_per_side must be in .* got 70000"),
+        ({"pred_iou_thresh": float("nan")}, "pred_iou_thresh must be a finite number"),
+        ({"stability_score_thresh": float("nan")}, "stability_score_thresh must be a finite"),
+        ({"box_nms_thresh": float("inf")}, "box_nms_thresh must be a finite number"),
         ({"crop_n_layers": 3, "crop_n_points_downscale_factor": 4}, "crop layer 3 would have no"),
         ({"crop_overlap_ratio": 1.0}, r"crop_overlap_ratio must be in \[0, 1\)"),
         ({"crop_overlap_ratio": -0.1}, "crop_overlap_ratio"),

@@ -135,3 +135,42 @@ def test_image_conversion():
         as_rgb_uint8(np.zeros((2, 2, 3), np.float32))
     with pytest.raises(ValueError, match="shape"):
         as_rgb_uint8(np.zeros((2, 2, 5), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "url,why", [("foo://x/y.pth", "Protocol not known: foo"), ("gs://b/x.pth", "gcsfs")]
+)
+def test_unopenable_checkpoint_url_is_one_clear_error(url, why):
+    """An unknown protocol or a missing fsspec backend: a CheckpointError naming the URL."""
+    import importlib.util
+
+    if why == "gcsfs" and importlib.util.find_spec("gcsfs"):
+        pytest.skip("gcsfs is installed: gs:// would try the network")
+    with pytest.raises(CheckpointError, match=f"checkpoint {url}: cannot open: .*{why}"):
+        build_sam(SMALL_CONFIG, checkpoint=url)
+
+
+def test_reference_style_build_sam_with_a_path_builds_vit_h(tmp_path, monkeypatch):
+    """The reference's ``build_sam`` is ``build_sam_vit_h``: ``build_sam(path)`` loads that
+    path as a vit_h checkpoint (so a small model's file is refused as not vit_h), and the
+    checkpoint is read and checked before any model is built."""
+    import sam
+    import sam.registry
+
+    for name in ("build_sam_vit_h", "build_sam_vit_l", "build_sam_vit_b", "build_sam_tiny"):
+        assert callable(getattr(sam, name))
+    path = tmp_path / "sam_small.pth"
+    torch.save(build_sam(SMALL_CONFIG).state_dict(), path)
+
+    def no_build(cfg):
+        raise AssertionError("the model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(sam.registry, "build_sam_from_config", no_build)
+    with pytest.raises(CheckpointError, match="sam_small.pth.*vit_h"):
+        sam.build_sam(str(path))
+    with pytest.raises(CheckpointError, match="sam_small.pth.*vit_h"):
+        sam.build_sam(path)
+    with pytest.raises(CheckpointError, match="nowhere.pth: file not found"):
+        sam.build_sam(str(tmp_path / "nowhere.pth"))
+    with pytest.raises(KeyError, match="unknown model 'vit_hh'"):
+        sam.build_sam("vit_hh")
