@@ -101,6 +101,9 @@ class ShardTask:
     items: tuple[tuple[int, str], ...] = ()
     source: str | None = None  # an input SA-1B shard (re-annotation)
     attempt: int = 1
+    # the driver's last attempt at this shard: images the generator fails on are then
+    # committed as failed (recorded per image) instead of failing the shard once more
+    final: bool = True
 
 
 @dataclass
@@ -629,7 +632,8 @@ class ShardProcessor:
         out = _ShardOutput(cfg, task)
         writer = _Writer(out, cfg.prefetch)
         prog = _Progress(progress, task.name, task.attempt)
-        gen_errors = 0
+        gen_errors = generated = 0
+        first_error: list[str | None] = []
         try:
             with ThreadPoolExecutor(
                 max(1, cfg.read_threads), thread_name_prefix="sa1b-read"
@@ -637,9 +641,12 @@ class ShardProcessor:
                 batch: list[_Loaded] = []
 
                 def flush() -> None:
-                    nonlocal gen_errors
+                    nonlocal gen_errors, generated
+                    generated += sum(it.status == "ok" for it in batch)
                     gen_errors += self._generate(batch)
                     for it in batch:
+                        if it.status == "error" and not first_error:
+                            first_error.append(it.reason)
                         writer.put(it)
                         prog.add(1, len(it.records or ()))
                     batch.clear()
@@ -649,17 +656,20 @@ class ShardProcessor:
                     if sum(b.status == "ok" for b in batch) >= cfg.batch_images:
                         flush()
                 flush()
+                if gen_errors and (not task.final or gen_errors == generated):
+                    # nothing of this attempt is committed: a failure on another worker
+                    # or device (out of memory, a lost GPU) gets another chance
+                    what = "every image" if gen_errors == generated else f"{gen_errors} images"
+                    raise RuntimeError(
+                        f"{task.name}: the generator failed on {what} "
+                        f"({gen_errors} of {generated}); first: {first_error[0]}"
+                    )
             writer.finish()
         except BaseException as e:
             writer.cancel(e)
             raise
         finally:
             prog.flush()
-        if gen_errors and out.images_ok == 0:
-            raise RuntimeError(
-                f"{task.name}: the generator failed on every image ({gen_errors}); "
-                f"first: {out.failures[0]['reason'] if out.failures else '?'}"
-            )
         marker = {
             "shard": task.name,
             "shard_id": task.shard_id,
@@ -669,6 +679,7 @@ class ShardProcessor:
             "images_planned": None if task.source else len(task.items),
             "images_ok": out.images_ok,
             "images_failed": len(out.failures),
+            "generator_errors": gen_errors,  # of images_failed, after the last attempt
             "annotations": out.annotations,
             "failures": out.failures,
             "input_error": report["input_error"],

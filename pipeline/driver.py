@@ -138,10 +138,17 @@ class RunSummary:
     # SA-1B input shards found damaged (truncated, corrupt, unpaired members): their
     # readable images are committed, the error is in their marker
     input_errors: dict[str, str] = field(default_factory=dict)
+    # images the generator failed on in every attempt at their shard (of images_failed)
+    generator_errors: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.shards_failed == 0 and self.state == "complete" and not self.input_errors
+        return (
+            self.shards_failed == 0
+            and self.state == "complete"
+            and not self.input_errors
+            and not self.generator_errors
+        )
 
     @property
     def images_per_second(self) -> float:
@@ -176,6 +183,11 @@ class RunSummary:
             lines.append(f"  FAILED   {name}: {reason}")
         for name, reason in sorted(self.input_errors.items()):
             lines.append(f"  DAMAGED  {name}: input {reason}; its readable images are committed")
+        for name, n in sorted(self.generator_errors.items()):
+            lines.append(
+                f"  ERRORS   {name}: the generator failed on {n} image(s) in every attempt "
+                f"(reasons in index/status); delete _commits/{name}.json and rerun to retry"
+            )
         return "\n".join(lines)
 
 
@@ -201,7 +213,14 @@ def resolve_generator_settings(preset: str, overrides: dict[str, Any]) -> dict[s
     unknown = sorted(set(overrides) - set(defaults) - perf_only)
     if unknown:
         raise ConfigError(f"unknown generator option(s): {', '.join(unknown)}")
-    return {**defaults, **PRESETS[preset], **overrides}
+    settings = {**defaults, **PRESETS[preset], **overrides}
+    from sam.amg import check_generator_args
+
+    try:  # here, before anything is recorded or any worker starts
+        check_generator_args(**settings)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"generator settings: {e}") from None
+    return settings
 
 
 def _model_spec(cfg: GenerateConfig) -> tuple[str | dict, dict]:
@@ -374,9 +393,22 @@ def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerC
         recorded_cmp.get("model", {}).pop("checkpoint", None)  # where it lies may change
         new_cmp = json.loads(json.dumps(manifest))
         new_cmp["model"].pop("checkpoint", None)
-        check_compatible(recorded_cmp, new_cmp, cfg.output)
-        manifest = recorded
-        log.info("resuming run %s in %s", recorded.get("run_id"), redact(cfg.output))
+        try:
+            check_compatible(recorded_cmp, new_cmp, cfg.output)
+            manifest = recorded
+            log.info("resuming run %s in %s", recorded.get("run_id"), redact(cfg.output))
+        except RunConflictError:
+            # a run that never committed a shard (its workers could not start: a wrong
+            # checkpoint, a bad option) holds nothing to protect: the new run replaces it
+            if committed_shards(cfg.output):
+                raise
+            log.warning(
+                "output %s holds a run %s that committed no shard; replacing it with run %s",
+                redact(cfg.output),
+                recorded.get("run_id"),
+                run_id,
+            )
+            write_manifest(cfg.output, manifest, plan)
     wcfg = WorkerConfig(
         output=cfg.output,
         run_id=manifest["run_id"],
@@ -660,6 +692,11 @@ def run_generation(cfg: GenerateConfig) -> RunSummary:
         input_errors={
             k: str(markers[k]["input_error"]) for k in sorted(committed) if markers[k].get("input_error")
         },
+        generator_errors={
+            k: int(markers[k]["generator_errors"])
+            for k in sorted(committed)
+            if markers[k].get("generator_errors")
+        },
     )
     with contextlib.suppress(Exception):  # informative only; markers are the truth
         write_json(join(cfg.output, RUN_DIR, "last_run.json"), summary.as_dict())
@@ -695,6 +732,7 @@ def _dispatch(
             items=tuple((it.image_id, it.uri) for it in shard.items),
             source=shard.source,
             attempt=attempts[shard.name],
+            final=attempts[shard.name] >= cfg.max_attempts,
         )
         ref = slot.handle.process_shard.remote(task, counter)
         inflight[ref] = (slot, shard, attempts[shard.name])

@@ -269,6 +269,46 @@ def test_a_failing_write_fails_the_shard_without_hanging(tmp_path, model_files, 
     assert hidden_files(out) == []  # no temp file left behind
 
 
+def test_generator_errors_fail_the_attempt_and_are_recorded_only_on_the_last(
+    tmp_path, model_files
+):
+    """An image the generator fails on (out of memory, a lost GPU) fails the attempt and
+    nothing of it is committed, so the driver retries the shard; on the last attempt the
+    shard is committed with that image recorded as failed and counted in the marker."""
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes(i))
+    items = tuple((i + 1, str(tmp_path / f"{i}.jpg")) for i in range(4))
+    out = tmp_path / "out"
+    proc = ShardProcessor(_config(out, model_files, batch_images=2))
+    real = proc.generator.generate_batch
+
+    from pipeline.actors import load_image
+
+    bad = load_image(3, "3", (tmp_path / "2.jpg").read_bytes()).image
+    assert not any(
+        np.array_equal(bad, load_image(0, "x", image_bytes(i)).image) for i in (0, 1, 3)
+    )
+
+    def flaky(images):
+        if any(np.array_equal(im, bad) for im in images):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(images)
+
+    proc.generator.generate_batch = flaky
+    with pytest.raises(RuntimeError, match=r"sa_000000: the generator failed on 1 images \(1 of 4\)"):
+        proc.process(ShardTask(0, "sa_000000", items, attempt=1, final=False))
+    assert not (out / "_commits").exists()
+    assert not (out / "sa_000000.tar").exists() and not (out / "index").exists()
+    assert hidden_files(out) == []
+
+    marker = proc.process(ShardTask(0, "sa_000000", items, attempt=3, final=True))
+    assert (marker["images_ok"], marker["images_failed"], marker["generator_errors"]) == (3, 1, 1)
+    [failure] = marker["failures"]
+    assert failure["image_id"] == 3 and failure["status"] == "error"
+    assert "CUDA out of memory" in failure["reason"]
+    assert sorted(tar_records(out / "sa_000000.tar")) == [1, 2, 4]
+
+
 def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     """A 16-bit grayscale PNG is scaled (not clipped to white by Pillow's RGB convert),
     and the stored JPEG is the scaled image."""

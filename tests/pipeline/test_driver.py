@@ -6,6 +6,7 @@ import json
 import os
 
 import fsspec.config
+import pytest
 
 from pipeline.driver import GenerateConfig, worker_env
 
@@ -92,3 +93,55 @@ def test_actor_count_follows_the_cluster_and_warns_when_a_big_model_gets_no_gpu(
     # asked for explicitly: GPU actors even while the cluster has none yet (autoscaling)
     got = _actors(monkeypatch, caplog, {"CPU": 2}, model="vit_h", gpus_per_actor=1.0, num_actors=8)
     assert got == ((8, 1.0), [])
+
+
+def _run_config(tmp_path, **generator):
+    from tests.jobs.helpers import GENERATOR, write_inputs, write_model
+
+    cfg_json, ckpt = write_model(tmp_path / "model")
+    listing, _ = write_inputs(tmp_path / "in", n_good=3)
+    return GenerateConfig(
+        input=listing, output=str(tmp_path / "out"), model=cfg_json, checkpoint=ckpt,
+        generator={**GENERATOR, **generator}, shard_size=2, progress=False,
+    )  # fmt: skip
+
+
+def test_bad_generator_settings_are_refused_before_anything_is_recorded(tmp_path):
+    from pipeline.driver import ConfigError, prepare_run
+
+    cfg = _run_config(tmp_path, crop_overlap_ratio=1.5)
+    with pytest.raises(ConfigError, match=r"generator settings: crop_overlap_ratio must be in"):
+        prepare_run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_committed_nothing_is_replaced_by_a_corrected_one(tmp_path, caplog):
+    """Workers that could not start (a wrong checkpoint, an option they refused) leave a
+    manifest but no committed shard: the corrected command starts over instead of being
+    refused as a different run. Once a shard is committed, the run is protected."""
+    from pipeline.driver import prepare_run
+    from pipeline.manifest import RunConflictError, load_manifest, write_marker
+
+    first, _, _ = prepare_run(_run_config(tmp_path, points_per_side=3))
+    second, _, _ = prepare_run(_run_config(tmp_path, points_per_side=5))
+    assert second["run_id"] != first["run_id"]
+    assert load_manifest(str(tmp_path / "out"))["run_id"] == second["run_id"]
+    assert "committed no shard; replacing it" in caplog.text
+    write_marker(str(tmp_path / "out"), "sa_000000", {"shard": "sa_000000"})
+    with pytest.raises(RunConflictError, match="points_per_side: recorded 5, now 3"):
+        prepare_run(_run_config(tmp_path, points_per_side=3))
+
+
+def test_summary_fails_when_the_generator_failed_on_images_in_every_attempt():
+    from pipeline.driver import RunSummary
+
+    base = dict(
+        output="out", run_id="r", state="complete", shards_total=2, shards_skipped=0,
+        shards_done=2, shards_failed=0, failed_shards={}, retries=2, actors_replaced=0,
+        images_ok=7, images_failed=1, annotations=30, run_images=8, run_annotations=30,
+        seconds=1.0, processing_seconds=1.0,
+    )  # fmt: skip
+    assert RunSummary(**base).ok
+    bad = RunSummary(**base, generator_errors={"sa_000001": 1})
+    assert not bad.ok
+    assert "ERRORS   sa_000001: the generator failed on 1 image(s)" in bad.format()
