@@ -98,6 +98,10 @@ class ShardSpec:
         return None if self.source is not None else len(self.items)
 
 
+def _stable_uri(uri: str) -> str:
+    return redact(uri) if uri.startswith(("http://", "https://")) else uri
+
+
 @dataclass
 class ShardPlan:
     kind: str  # "images" or "sa1b"
@@ -118,12 +122,15 @@ class ShardPlan:
         raise KeyError(name)
 
     def _rows(self) -> Iterable[tuple[int, int | None, str]]:
+        """``(shard id, image id, uri)``; an http(s) URI without its query string: signed
+        links carry secrets there, and a refreshed link (SA-1B's expire) is the same
+        input, so neither is recorded nor part of the fingerprint."""
         for s in self.shards:
             if s.source is not None:
-                yield s.shard_id, None, s.source
+                yield s.shard_id, None, _stable_uri(s.source)
             else:
                 for it in s.items:
-                    yield s.shard_id, it.image_id, it.uri
+                    yield s.shard_id, it.image_id, _stable_uri(it.uri)
 
     def fingerprint(self) -> str:
         """sha256 of the plan's content (kind, shard ids, image ids, URIs)."""

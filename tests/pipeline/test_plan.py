@@ -55,6 +55,27 @@ def test_fingerprint_is_stable_and_tracks_content(folder):
     assert build_plan(str(folder), shard_size=2).fingerprint() != a.fingerprint()
 
 
+def test_signed_link_refresh_keeps_the_plan_and_secrets_are_not_stored(tmp_path):
+    """SA-1B links expire: a refreshed links file (new signature) is the same input, and
+    the recorded plan holds no signature."""
+    from pipeline.plan import ImageItem, ShardSpec
+
+    def plan(sig):
+        url = f"https://cdn.example/sa_000020.tar?X-Amz-Signature={sig}&Expires=1"
+        return ShardPlan("sa1b", [ShardSpec(20, source=url)])
+
+    old, new = plan("SECRET1"), plan("SECRET2")
+    assert old.fingerprint() == new.fingerprint()
+    old.save(str(tmp_path / "plan.parquet"))
+    assert b"SECRET" not in (tmp_path / "plan.parquet").read_bytes()
+    assert ShardPlan.load(str(tmp_path / "plan.parquet")).shards[0].source == (
+        "https://cdn.example/sa_000020.tar"
+    )
+    local = [ShardSpec(0, (ImageItem(1, "/d/a?1.jpg"),)), ShardSpec(1, (ImageItem(2, "/d/a?2.jpg"),))]
+    other = [ShardSpec(0, (ImageItem(1, "/d/a?1.jpg"),)), ShardSpec(1, (ImageItem(2, "/d/a?3.jpg"),))]
+    assert ShardPlan("images", local).fingerprint() != ShardPlan("images", other).fingerprint()
+
+
 def test_plan_save_load_roundtrip(folder, tmp_path):
     plan = build_plan(str(folder), shard_size=2, first_shard_id=7)
     url = str(tmp_path / "plan.parquet")
