@@ -72,10 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error("--num-images must be at least 1")
+    if args.seed < 0:
+        p.error("--seed must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         urls = write_demo_images(args.output, args.num_images, args.size, args.seed)
-    except OSError as e:
+    except (OSError, ValueError, ImportError) as e:  # no access, a bad URL, no backend
         print(f"jobs.demo: cannot write {args.output}: {e}", file=sys.stderr)
         return 2
     log.info("wrote %d demo images to %s", len(urls), args.output)

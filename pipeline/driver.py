@@ -312,6 +312,13 @@ def code_version() -> dict[str, Any]:
     return out
 
 
+def _location(url: str) -> str:
+    """``url`` comparable with another: local paths absolute, no query, no trailing /."""
+    if "://" not in url or url.startswith("file://"):
+        return os.path.abspath(url.removeprefix("file://"))
+    return redact(url).rstrip("/")
+
+
 def _validate(cfg: GenerateConfig) -> None:
     if cfg.layout not in LAYOUTS:
         raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {cfg.layout!r}")
@@ -330,10 +337,14 @@ def _validate(cfg: GenerateConfig) -> None:
         raise ConfigError("--gpus-per-actor must be >= 0")
     if cfg.cpus_per_actor <= 0:
         raise ConfigError("--cpus-per-actor must be > 0")
+    if not cfg.actor_start_timeout > 0:
+        raise ConfigError("--actor-start-timeout must be > 0 seconds")
     if not 1 <= cfg.jpeg_quality <= 100:
         raise ConfigError("--jpeg-quality must be within 1..100")
-    if redact(cfg.output).rstrip("/") == redact(cfg.input).rstrip("/"):
-        raise ConfigError("OUTPUT must differ from INPUT")
+    out, inp = _location(cfg.output), _location(cfg.input)
+    if out == inp or out.startswith(inp.rstrip("/") + "/"):
+        # the input listing is recursive: the job's own sa_<id>.jpg would become input
+        raise ConfigError(f"OUTPUT {redact(cfg.output)} must not be INPUT or inside it")
 
 
 def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerConfig]:
@@ -493,10 +504,16 @@ def _connect(cfg: GenerateConfig) -> bool:
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(include_dashboard=False, **kwargs)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(include_dashboard=False, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        where = f"Ray cluster at {redact(address)} (--address / RAY_ADDRESS)" if address else (
+            "a local Ray"
+        )
+        raise ConfigError(f"cannot connect to {where}: {describe(e)}") from None
     return True
 
 
@@ -506,6 +523,8 @@ class _Slot:
     handle: Any
     inflight: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    # a replacement actor until it has answered: (its info() call, when it was started)
+    starting: tuple[Any, float] | None = None
 
 
 class _Pool:
@@ -565,7 +584,38 @@ class _Pool:
         self.replaced += 1
         slot.handle = self._spawn(slot.index)
         slot.info = {}
+        slot.starting = (slot.handle.info.remote(), time.monotonic())
         return True
+
+    def drop(self, slot: _Slot, why: str) -> None:
+        """Give up on ``slot`` (its shards must be requeued by the caller)."""
+        import ray
+
+        log.warning("worker %d dropped: %s; %d left", slot.index, why, len(self.slots) - 1)
+        with contextlib.suppress(Exception):
+            ray.kill(slot.handle, no_restart=True)
+        self.slots.remove(slot)
+
+    def check_starting(self) -> list[tuple[_Slot, str]]:
+        """Mark replacements that answered as ready; returns ``(slot, why)`` for those that
+        failed or did not start within the start timeout (the caller drops them)."""
+        import ray
+
+        bad = []
+        for slot in [s for s in self.slots if s.starting is not None]:
+            ref, t0 = slot.starting
+            ready, _ = ray.wait([ref], timeout=0)
+            if ready:
+                try:
+                    slot.info = ray.get(ref)
+                    slot.starting = None
+                except ray.exceptions.RayError as e:
+                    bad.append((slot, f"its replacement could not start: {_cause(e)}"))
+            elif time.monotonic() - t0 > self.cfg.actor_start_timeout:
+                bad.append(
+                    (slot, f"its replacement did not start within {self.cfg.actor_start_timeout:.0f}s")
+                )
+        return bad
 
     def shutdown(self) -> None:
         import ray
@@ -759,23 +809,45 @@ def _dispatch(
         log.warning("%s attempt %d failed (%s); requeued", shard.name, attempt, reason)
         queue_.appendleft(shard)
 
+    def take_progress() -> None:
+        """Images and masks reported by the workers since the last call (progress only:
+        an attempt that dies later has counted too), and the attempts that started."""
+        nonlocal shown_images, shown_masks
+        with contextlib.suppress(Exception):
+            di, dm, keys = ray.get(counter.take.remote(), timeout=10)
+            started.update(keys)
+            shown_images += di
+            shown_masks += dm
+            ibar.update(di)
+
+    def fail_remaining(reason: str) -> None:
+        while queue_:
+            s = queue_.popleft()
+            failed[s.name] = reason
+            log.error("%s failed: %s", s.name, reason)
+
     try:
         while queue_ or inflight:
+            for slot, why in pool.check_starting():
+                pool.drop(slot, why)  # nothing was submitted to it while it started
+            if not pool.slots:
+                fail_remaining("no worker left: they kept dying or could not be started")
+                break
             for slot in pool.slots:
+                if slot.starting is not None:
+                    continue
                 while slot.inflight < cfg.max_inflight_per_actor and queue_:
                     shard = next_for(slot)
                     if shard is None:
                         break
                     submit(slot, shard)
             if not inflight:
-                break
+                if not queue_:
+                    break
+                time.sleep(1.0)  # every worker is a replacement still starting
+                continue
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            with contextlib.suppress(Exception):
-                di, dm, keys = ray.get(counter.take.remote(), timeout=10)
-                started.update(keys)
-                shown_images += di
-                shown_masks += dm
-                ibar.update(di)
+            take_progress()
             for ref in ready:
                 slot, shard, attempt = inflight.pop(ref)
                 slot.inflight -= 1
@@ -791,15 +863,16 @@ def _dispatch(
                     for r in [r for r, v in inflight.items() if v[0] is slot]:
                         inflight.pop(r)
                     slot.inflight = 0
-                    with contextlib.suppress(Exception):
-                        started.update(ray.get(counter.take.remote(), timeout=10)[2])
+                    take_progress()
                     lost.sort(key=lambda sa: order[(sa[0].name, sa[1])])
                     running = [sa for sa in lost if (sa[0].name, sa[1]) in started] or lost[:1]
-                    if not pool.replace(slot):
-                        raise WorkerStartError("workers keep dying; giving up") from None
-                    log.warning(
-                        "worker %d died while on %s; replaced", slot.index, running[0][0].name
-                    )
+                    if pool.replace(slot):
+                        log.warning(
+                            "worker %d died while on %s; replaced", slot.index, running[0][0].name
+                        )
+                    else:
+                        pool.drop(slot, f"it died while on {running[0][0].name}, and workers "
+                                  f"were replaced {pool.replaced} times already")  # fmt: skip
                     for s2, a2 in lost:
                         give_up_or_requeue(s2, a2, reason, (s2, a2) in running)
                     continue

@@ -199,6 +199,54 @@ def test_actor_killed_mid_shard_is_retried_elsewhere(clean, inputs, model_files,
     assert hidden_files(out) == []
 
 
+def test_a_replacement_worker_that_cannot_be_placed_is_dropped_not_waited_for(
+    clean, inputs, model_files, tmp_path, monkeypatch
+):
+    """After a worker dies, its replacement asks for resources the cluster does not have
+    (a lost GPU node): the driver drops it after the start timeout and finishes on the
+    other worker instead of waiting for ever."""
+    import ray
+
+    from pipeline import driver
+
+    spawn = driver._Pool._spawn
+
+    def unplaceable_replacements(self, i):
+        if self.replaced == 0:
+            return spawn(self, i)
+        return driver.worker_actor_class().options(num_cpus=1, num_gpus=64).remote(self.wcfg)
+
+    monkeypatch.setattr(driver._Pool, "_spawn", unplaceable_replacements)
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def run():
+        try:
+            cfg = _config(inputs, model_files, out, actor_start_timeout=20.0)
+            result["summary"] = run_generation(cfg)
+        except BaseException as e:  # surfaced below
+            result["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and t.is_alive() and killed is None:
+        if out.exists() and list(out.glob(".sa_*.tar.tmp-*")):
+            workers = sorted(n for n in ray.util.list_named_actors() if n.startswith("sa1b-worker-"))
+            if workers:
+                ray.kill(ray.get_actor(workers[0]), no_restart=True)
+                killed = workers[0]
+        time.sleep(0.01)
+    t.join(240)
+    assert not t.is_alive(), "the driver waited for an actor that can never start"
+    assert killed is not None, "no shard was seen in progress"
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary.ok and summary.actors_replaced == 1
+    assert snapshot(out) == snapshot(clean[0])
+
+
 def test_s3_input_and_output_through_moto(clean, s3, inputs, model_files):
     bucket, fs = s3
     lst, entries = inputs

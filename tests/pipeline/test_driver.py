@@ -145,3 +145,17 @@ def test_summary_fails_when_the_generator_failed_on_images_in_every_attempt():
     bad = RunSummary(**base, generator_errors={"sa_000001": 1})
     assert not bad.ok
     assert "ERRORS   sa_000001: the generator failed on 1 image(s)" in bad.format()
+
+
+@pytest.mark.parametrize(
+    "inp,out",
+    [("imgs", "./imgs"), ("imgs", "imgs/out"), ("s3://b/imgs/", "s3://b/imgs/out"),
+     ("s3://b/imgs", "s3://b/imgs")],
+)  # fmt: skip
+def test_output_inside_the_input_is_refused(tmp_path, monkeypatch, inp, out):
+    from pipeline.driver import ConfigError, _validate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="must not be INPUT or inside it"):
+        _validate(GenerateConfig(input=inp, output=out))
+    _validate(GenerateConfig(input=inp, output=out.replace("imgs", "imgs2") + "x"))
