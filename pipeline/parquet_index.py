@@ -29,6 +29,7 @@ from pipeline.io import atomic_write, basename, describe, exists, join, open_url
 from pipeline.sa1b_reader import (
     CorruptShardError,
     ShardReport,
+    finish_stream,
     iter_members,
     open_shard_stream,
     parse_member_name,
@@ -346,7 +347,7 @@ def index_shard(
                 log.warning("%s: skipping %s: %s", rep.url, m.name, e)
                 continue
             jsons.add(image_id)
-        counter.drain()
+        finish_stream(stream, counter)
         rep.complete = True
     except (CorruptShardError, OSError, EOFError) as e:
         rep.error = describe(e)

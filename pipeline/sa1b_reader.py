@@ -341,6 +341,21 @@ def _octal(b: bytes) -> int:
     return int(s, 8) if s else 0
 
 
+def finish_stream(stream: Any, counter: _CountingReader) -> None:
+    """After the end-of-archive marker: read the rest of ``stream`` to its end, which must
+    be zero padding, then the rest of the file (hashed when md5 is on). Reading on makes
+    the gzip decompressor reach the end of every member, so its CRC-32 and length are
+    checked: a shard cut in its last bytes, a flipped bit, or data after the archive is
+    reported instead of read as complete."""
+    while True:
+        b = stream.read(_CHUNK)
+        if not b:
+            break
+        if b.strip(b"\x00"):
+            raise CorruptShardError("data after the tar end-of-archive marker")
+    counter.drain()
+
+
 def iter_members(
     stream: Any,
     *,
@@ -747,9 +762,8 @@ class ShardReader:
                     json_offset=js.offset,
                     json_size=js.size,
                 )
+            finish_stream(stream, counter)
             rep.complete = True
-            if self.md5:
-                counter.drain()  # hash any tail after the end-of-archive marker
         except (CorruptShardError, OSError, EOFError) as e:
             rep.complete = False
             rep.error = describe(e)

@@ -194,14 +194,14 @@ def build_seek_index(
     Raises :class:`CorruptShardError` if the shard is damaged: an index of a partial
     shard would look complete.
     """
-    from pipeline.sa1b_reader import open_shard_stream
+    from pipeline.sa1b_reader import finish_stream, open_shard_stream
 
     stream, counter, compression = open_shard_stream(url, backend=backend)
     idx = SeekIndex(basename(url), compression, 0, 0, spacing)
     try:
         for m in iter_members(stream, want=lambda n: False):
             idx.add(m)
-        counter.drain()
+        finish_stream(stream, counter)
     except OSError as e:  # CorruptShardError is an OSError
         raise CorruptShardError(f"{redact(url)}: {scrub(str(e))}") from e
     finally:

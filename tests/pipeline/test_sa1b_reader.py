@@ -306,6 +306,51 @@ def test_garbage_after_the_gzip_stream_is_corrupt(tmp_path):
     assert not rep.complete and "trailing garbage" in rep.error
 
 
+def _damaged(kind: str) -> bytes:
+    """A gzip shard damaged only after its last member's data (so every record reads)."""
+    members, _ = members_of(3)
+    tar = _tar_bytes(members)
+    if kind == "after_end_marker":  # data past the end-of-archive marker
+        return gzip.compress(tar + b"junk" + bytes(508))
+    if kind == "zero_block_mid_archive":  # members hidden behind an early zero block
+        more, _ = members_of(2, seed=9)
+        return gzip.compress(tar + _tar_bytes(more))
+    raw = bytearray(gzip.compress(tar))
+    if kind == "bad_crc":
+        raw[-8] ^= 0x01  # the trailer's CRC-32: only a check of the trailer notices
+    elif kind.startswith("cut_"):
+        del raw[-int(kind[4:]) :]  # the trailer (8 bytes) cut short
+    return bytes(raw)
+
+
+DAMAGE = ["bad_crc", "cut_1", "cut_8", "after_end_marker", "zero_block_mid_archive"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_damage_after_the_last_member_is_not_read_as_complete(tmp_path, kind):
+    """The gzip trailer (CRC-32, length) and what follows the end-of-archive marker are
+    checked: a shard cut in its last bytes, with a flipped bit or with data after the
+    archive is incomplete, though all its records read."""
+    got, rep = _read_bytes(tmp_path, _damaged(kind))
+    if kind != "bad_crc":  # (a small shard's CRC is checked with its first read)
+        assert len(got) == 3
+    assert not rep.complete and not rep.ok, kind
+    assert rep.error
+
+
+@pytest.mark.parametrize("kind", ["bad_crc", "cut_1", "after_end_marker"])
+def test_index_and_seek_index_check_the_end_of_the_shard_too(tmp_path, kind):
+    from pipeline.parquet_index import index_shard, is_indexed
+    from pipeline.seek_index import build_seek_index
+
+    path = tmp_path / "sa_000101.tar"
+    path.write_bytes(_damaged(kind))
+    res = index_shard(str(path), str(tmp_path / "idx"))
+    assert not res.report.complete and not is_indexed(str(tmp_path / "idx"), str(path))
+    with pytest.raises(CorruptShardError):
+        build_seek_index(str(path))
+
+
 @pytest.mark.parametrize(
     "data",
     [b"0 path=x\n", b"-5 path=x\n", b"x path=y\n", b"99 path=x\n", b"3 path=x\n", b"12 pathx\n\n"],
