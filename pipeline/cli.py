@@ -454,7 +454,11 @@ def record_problems(record: Any, *, rle: bool = True) -> list[str]:
             continue
         if rle_ops.area(seg) != a["area"]:
             errs.append(f"annotations[{i}] (id {a['id']}): area {a['area']} != RLE's")
-        if rle_ops.bbox(seg) != [int(round(v)) for v in a["bbox"]]:
+        try:
+            box = [int(round(v)) for v in a["bbox"]]
+        except (ValueError, OverflowError):  # NaN/Infinity: reported by semantic_errors
+            continue
+        if rle_ops.bbox(seg) != box:
             errs.append(f"annotations[{i}] (id {a['id']}): bbox {a['bbox']} != RLE's")
     return errs
 
@@ -471,15 +475,30 @@ def _validate_json_file(path: str) -> list[str]:
     out = []
     for k, r in enumerate(records):
         prefix = f"[{k}] " if isinstance(data, list) else ""
-        out += [prefix + e for e in record_problems(r)]
+        try:
+            out += [prefix + e for e in record_problems(r)]
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            out.append(prefix + describe(e))
     return out
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _checklist(path: str | None) -> dict[str, str]:
+    """The ``--md5`` checklist (``{}`` without one); an unusable one is a usage error,
+    never a silently skipped check."""
     from pipeline.download import read_md5_checklist
 
+    if path is None:
+        return {}
+    _check_inputs([path])
+    try:
+        return read_md5_checklist(path)
+    except ValueError as e:
+        raise UsageError(f"--md5 {e}") from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
     _check_inputs(args.paths)
-    md5s = read_md5_checklist(args.md5) if args.md5 else {}
+    md5s = _checklist(args.md5)
     status = EXIT_OK
     for url in args.paths:
         name = basename(url)
@@ -499,8 +518,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 errs = record_problems(rec.data, rle=not args.no_rle)
                 if rec.data["image"]["image_id"] != rec.image_id:
                     errs.append("image.image_id differs from the member name")
-            except (RecordError, KeyError, TypeError) as e:
-                errs = [str(e)]
+            except (RecordError, KeyError, TypeError, ValueError, OverflowError) as e:
+                errs = [describe(e)]
             problems += [f"sa_{rec.image_id}.json: {e}" for e in errs]
         rep = reader.report
         if not rep.complete:
@@ -526,7 +545,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from pipeline.download import download_all, read_links, read_md5_checklist
+    from pipeline.download import download_all, read_links
 
     _check_inputs([args.links])
     try:
@@ -539,7 +558,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         if unknown:
             raise UsageError(f"not in the links file: {', '.join(sorted(unknown))}")
         links = {k: v for k, v in links.items() if k in want}
-    md5s = read_md5_checklist(args.md5) if args.md5 else {}
+    md5s = _checklist(args.md5)
     with _progress(None, "download", unit="B", unit_scale=True) as bar:
         results, errors = download_all(
             links, args.out, md5s=md5s, workers=args.workers, progress=bar.update

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -40,10 +41,18 @@ class DownloadError(RuntimeError):
     """A download that failed (HTTP error, wrong content, md5 mismatch)."""
 
 
+def _read_text(url: str, what: str) -> str:
+    with open_url(url) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{redact(url)}: not a text file (expected {what})") from None
+
+
 def read_links(url: str) -> dict[str, str]:
     """``{file_name: cdn_link}`` from an ``SA-1B_links.txt`` TSV."""
-    with open_url(url) as f:
-        text = f.read().decode("utf-8")
+    text = _read_text(url, "an SA-1B links file")
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines or lines[0].split("\t")[:2] != ["file_name", "cdn_link"]:
         raise ValueError(f"{redact(url)}: not an SA-1B links file (header file_name<TAB>cdn_link)")
@@ -57,14 +66,20 @@ def read_links(url: str) -> dict[str, str]:
 
 
 def read_md5_checklist(url: str) -> dict[str, str]:
-    """``{file_name: md5}`` from an md5sum-format file."""
-    with open_url(url) as f:
-        text = f.read().decode("utf-8")
+    """``{file_name: md5}`` from an md5sum-format file (``<md5>  <name>`` per line; blank
+    lines and ``#`` comments allowed). Any other line, or no entry at all, is a
+    ``ValueError`` naming the file: a checklist that checks nothing must not pass."""
+    text = _read_text(url, "an md5sum checklist")
     out = {}
-    for ln in text.splitlines():
+    for i, ln in enumerate(text.splitlines(), start=1):
+        if not ln.strip() or ln.lstrip().startswith("#"):
+            continue
         parts = ln.split()
-        if len(parts) >= 2 and len(parts[0]) == 32:
-            out[parts[-1].lstrip("*").lstrip("./")] = parts[0].lower()
+        if len(parts) < 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", parts[0]):
+            raise ValueError(f"{redact(url)}:{i}: not an md5sum line: {ln[:80]!r}")
+        out[parts[-1].lstrip("*").removeprefix("./")] = parts[0].lower()
+    if not out:
+        raise ValueError(f"{redact(url)}: no md5 entries")
     return out
 
 
@@ -122,10 +137,24 @@ def download_file(
     except requests.RequestException as e:
         raise DownloadError(f"{name}: request to {redact(link)} failed: {type(e).__name__}") from e
     with resp:
-        if resp.status_code == 416 and have:  # we already have every byte
+        expected = None  # the file's full size, where the server says it
+        if resp.status_code == 416 and have:  # we may already have every byte
+            cr = resp.headers.get("Content-Range", "")
+            if _range_total(cr) != have:
+                os.remove(part)
+                raise DownloadError(
+                    f"{name}: the server refused to resume ({cr or 'no Content-Range'}) and the "
+                    f"partial file's {have} bytes are not the whole file; removed it, rerun to "
+                    "download again"
+                )
             status = "resumed"
             h = _md5_of(part)
         elif resp.status_code in (200, 206):
+            if resp.status_code == 206:
+                expected = _range_total(resp.headers.get("Content-Range", ""))
+            elif resp.headers.get("Content-Encoding", "identity") == "identity":
+                length = resp.headers.get("Content-Length", "")
+                expected = int(length) if length.isdigit() else None
             resumed = resp.status_code == 206 and have > 0
             if resumed:
                 cr = resp.headers.get("Content-Range", "")
@@ -161,12 +190,23 @@ def download_file(
                 + (hint if resp.status_code in (401, 403, 410) else "")
                 + "; nothing saved"
             )
+    size = os.path.getsize(part)
+    if expected is not None and size != expected:  # the connection ended early
+        raise DownloadError(
+            f"{name}: got {size} of {expected} bytes (connection ended early); rerun to resume"
+        )
     digest = h.hexdigest()
     if md5 is not None and digest != md5:
         os.remove(part)
         raise DownloadError(f"{name}: md5 {digest} does not match the checklist's {md5}")
     os.replace(part, final)
     return DownloadResult(name, final, os.path.getsize(final), digest, status)
+
+
+def _range_total(content_range: str) -> int | None:
+    """The full size in a ``Content-Range`` (``bytes 0-9/10`` or ``bytes */10``)."""
+    m = re.fullmatch(r"bytes (?:\d+-\d+|\*)/(\d+)", content_range.strip())
+    return int(m.group(1)) if m else None
 
 
 def _chain(first: bytes, rest: Iterable[bytes]) -> Iterable[bytes]:

@@ -3,12 +3,13 @@
 The schema itself lives in ``sa1b_image.schema.json`` (package data, usable from any
 language). It checks structure and types; :func:`semantic_errors` adds the checks JSON
 Schema cannot express (segmentation size equals ``[height, width]``, file name matches the
-image id, annotation ids unique).
+image id, annotation ids unique, numbers finite).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
@@ -61,6 +62,12 @@ def iter_schema_errors(record: Any) -> Iterator[str]:
         yield f"{_where(err)}: {err.message}"
 
 
+def _finite(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_finite(x) for x in v)
+    return not isinstance(v, float) or math.isfinite(v)
+
+
 def semantic_errors(record: dict[str, Any], *, sa1b_file_name: bool = True) -> list[str]:
     """Consistency checks beyond the schema; assumes the record passed the schema.
 
@@ -79,6 +86,9 @@ def semantic_errors(record: dict[str, Any], *, sa1b_file_name: bool = True) -> l
             )
     seen: set[int] = set()
     for i, ann in enumerate(record["annotations"]):
+        for key in ("area", "bbox", "predicted_iou", "stability_score", "point_coords", "crop_box"):
+            if not _finite(ann.get(key)):  # JSON parsers accept NaN/Infinity; JSON does not
+                out.append(f"annotations[{i}].{key}: not a finite number: {ann.get(key)!r:.60}")
         size = ann["segmentation"]["size"]
         if list(size) != [h, w]:
             out.append(

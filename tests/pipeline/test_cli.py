@@ -226,6 +226,68 @@ def test_download_status_resume_md5(http_server, tmp_path, capsys, caplog):
     assert not (out / "sa_000020.tar").exists()
 
 
+def test_download_never_promotes_an_incomplete_file(http_server, tmp_path, capsys):
+    """A .part that is not the whole file is not renamed on a 416; a body cut short is
+    kept as .part (resumable) and reported; a .part that is the whole file is kept."""
+    base, root, srv = http_server
+    data = write_members(root / "sa_000020.tar", members_of(3)[0]).read_bytes()
+    links = tmp_path / "links.txt"
+    links.write_text(f"file_name\tcdn_link\nsa_000020.tar\t{base}/sa_000020.tar\n")
+    out = tmp_path / "dl"
+    out.mkdir()
+    (out / "sa_000020.tar.part").write_bytes(data + b"\x00" * 10)  # longer than the file
+    assert main(["download", str(links), "--out", str(out)]) == 1
+    assert "refused to resume" in capsys.readouterr().out
+    assert not (out / "sa_000020.tar").exists() and not (out / "sa_000020.tar.part").exists()
+
+    srv.short = True
+    assert main(["download", str(links), "--out", str(out)]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert not (out / "sa_000020.tar").exists()
+    srv.short = False
+
+    (out / "sa_000020.tar.part").write_bytes(data)  # every byte is already there
+    assert main(["download", str(links), "--out", str(out)]) == 0
+    assert (out / "sa_000020.tar").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "text,why",
+    [(b"", "no md5 entries"), (b"# only a comment\n", "no md5 entries"),
+     (b"d41d8cd98f00b204e9800998ecf8427e sa_000000.tar\nnot a line\n", ":2: not an md5sum line"),
+     (b"\xff\xfe\x00junk", "not a text file")],
+)  # fmt: skip
+def test_an_unusable_md5_checklist_is_a_usage_error(small_shard, tmp_path, caplog, text, why):
+    shard, _ = small_shard
+    checklist = tmp_path / "md5.txt"
+    checklist.write_bytes(text)
+    assert main(["validate", str(shard), "--md5", str(checklist)]) == 2
+    assert f"--md5 {checklist}" in caplog.text and why in caplog.text
+
+
+def test_a_links_file_that_is_not_text_is_a_usage_error(tmp_path, caplog):
+    links = tmp_path / "links.txt"
+    links.write_bytes(b"\xff\xfe\x00\x01")
+    assert main(["download", str(links), "--out", str(tmp_path / "dl")]) == 2
+    assert f"{links}: not a text file" in caplog.text
+
+
+def test_validate_names_non_finite_numbers(tmp_path, capsys):
+    members, _ = members_of(2)
+    rec = json.loads(members[1][1])
+    rec["annotations"][0]["bbox"][0] = float("nan")
+    rec["annotations"][1]["predicted_iou"] = float("inf")
+    members[1] = (members[1][0], json.dumps(rec).encode())
+    shard = write_members(tmp_path / "sa_000013.tar", members)
+    assert main(["validate", str(shard)]) == 1
+    out = capsys.readouterr().out
+    assert "sa_1.json: annotations[0].bbox: not a finite number" in out
+    assert "sa_1.json: annotations[1].predicted_iou: not a finite number" in out
+    (tmp_path / "r.json").write_text(json.dumps(rec))
+    assert main(["validate", str(tmp_path / "r.json")]) == 1
+    assert "annotations[0].bbox: not a finite number" in capsys.readouterr().out
+
+
 def test_links_file_shape_of_the_real_one():
     from pipeline.download import read_links
 
