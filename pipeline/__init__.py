@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.manifest import read_index
 from pipeline.parquet_index import (
     IndexPartBuilder,
     index_rows_from_record,
@@ -46,6 +47,7 @@ __all__ = [
     "index_rows_from_record",
     "index_shard",
     "is_indexed",
+    "read_index",
     "shard_name",
     "write_image_json",
     "write_index_part",

@@ -211,6 +211,34 @@ def committed_shards(out: str) -> set[str]:
     return names
 
 
+INDEX_TABLES = ("images", "annotations", "status")
+
+
+def read_index(out: str, table: str = "annotations", **kwargs: Any) -> Any:
+    """One index table of a generation output as a pandas DataFrame, from the parts of
+    committed shards only (a failed or killed attempt may have left parts of a shard
+    it never committed, which ``pd.read_parquet(out + "/index/<table>")`` would read).
+    ``kwargs`` go to ``pyarrow.parquet.read_table`` (``columns``, ``filters``)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.io import url_to_fs
+
+    if table not in INDEX_TABLES:
+        raise ValueError(f"table must be one of {', '.join(INDEX_TABLES)}, got {table!r}")
+    shards = sorted(committed_shards(out))
+    fs, root = url_to_fs(join(out, "index", table))
+    paths = [f"{root.rstrip('/')}/{s}.parquet" for s in shards]
+    if not paths:
+        from pipeline.actors import STATUS_SCHEMA
+        from schemas import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA
+
+        schema = {"images": IMAGES_SCHEMA, "annotations": ANNOTATIONS_SCHEMA}.get(
+            table, STATUS_SCHEMA
+        )
+        return schema.empty_table().to_pandas()
+    return pq.read_table(paths, filesystem=fs, **kwargs).to_pandas()
+
+
 def read_markers(out: str, shards: set[str] | None = None, threads: int = 16) -> dict[str, dict]:
     """The commit markers of ``out`` by shard name (read concurrently)."""
     names = sorted(committed_shards(out) if shards is None else shards)

@@ -158,3 +158,27 @@ def test_retry_io_retries_transient_errors_only(monkeypatch):
     with pytest.raises(TimeoutError):
         retry_io(down, what="s3://b/k", attempts=4)
     assert len(calls) == 4
+
+
+def test_read_index_reads_committed_shards_only(tmp_path):
+    """Parts of a shard whose attempt died before its marker are not results."""
+    import pandas as pd
+
+    from pipeline import read_index
+    from pipeline.manifest import write_marker
+
+    out = tmp_path / "out"
+    assert read_index(str(out), "images").empty
+    for shard, ids in (("sa_000000", [1, 2]), ("sa_000001", [3])):
+        d = out / "index" / "annotations"
+        d.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"image_id": ids, "area": [10 * i for i in ids]}).to_parquet(
+            d / f"{shard}.parquet"
+        )
+    write_marker(str(out), "sa_000000", {"shard": "sa_000000"})
+    assert sorted(read_index(str(out)).image_id) == [1, 2]
+    assert list(read_index(str(out), filters=[("area", ">", 10)]).image_id) == [2]
+    write_marker(str(out), "sa_000001", {"shard": "sa_000001"})
+    assert sorted(read_index(str(out), columns=["image_id"]).image_id) == [1, 2, 3]
+    with pytest.raises(ValueError, match="table must be one of"):
+        read_index(str(out), "masks")
