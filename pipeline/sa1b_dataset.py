@@ -40,6 +40,12 @@ class SA1BDataset(IterableDataset):
     """Iterate SA-1B records of ``shards`` (fsspec URLs).
 
     >>> loader = DataLoader(SA1BDataset(urls), batch_size=None, num_workers=4)
+
+    ``reader_kwargs`` go to :class:`ShardReader`. A damaged shard (truncated, corrupt)
+    yields the records before the damage and a warning; ``on_error="raise"`` makes it
+    raise instead, which also reaches the main process from DataLoader workers.
+    ``reports`` collects each shard's :class:`ShardReport` (also when iteration stops
+    early) in the process that reads it: the main process only with ``num_workers=0``.
     """
 
     def __init__(
@@ -71,6 +77,8 @@ class SA1BDataset(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         for url in self._my_shards():
             reader = ShardReader(url, **self.reader_kwargs)
-            for rec in reader:
-                yield self.transform(rec) if self.transform else rec
-            self.reports.append(reader.report)
+            try:
+                for rec in reader:
+                    yield self.transform(rec) if self.transform else rec
+            finally:
+                self.reports.append(reader.report)

@@ -232,6 +232,28 @@ def test_dataset_splits_shards_across_workers(tmp_path):
     assert sample["image"].shape == (48, 64, 3) and sample["annotations"]
 
 
+def test_dataset_reports_damage_and_can_raise_through_workers(tmp_path):
+    torch = pytest.importorskip("torch")
+    from pipeline.sa1b_dataset import SA1BDataset
+    from pipeline.synthetic import write_synthetic_shard
+
+    p = tmp_path / "sa_000000.tar"
+    write_synthetic_shard(str(p), 6, first_id=1, seed=0)
+    p.write_bytes(p.read_bytes()[:-3000])
+    ds = SA1BDataset([str(p)], transform=lambda r: r.image_id)
+    got = list(ds)
+    assert 0 < len(got) < 6 and len(ds.reports) == 1 and not ds.reports[0].complete
+    stopped = SA1BDataset([str(p)], transform=lambda r: r.image_id)
+    it = iter(stopped)
+    next(it)
+    it.close()  # a consumer that stops early still gets the shard's report
+    assert len(stopped.reports) == 1
+    strict = SA1BDataset([str(p)], transform=lambda r: r.image_id, on_error="raise")
+    loader = torch.utils.data.DataLoader(strict, batch_size=None, num_workers=1)
+    with pytest.raises(Exception, match="TruncatedShardError|truncated|ends early"):
+        list(loader)
+
+
 # ---------------------------------------------------------------- regressions: hangs, damage
 
 
