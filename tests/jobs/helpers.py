@@ -1,4 +1,4 @@
-"""Shared test inputs for the generation pipeline: a small random-weight model saved as a
+"""Shared test inputs for the generation pipeline: the bundled tiny model saved as a
 config + checkpoint, small images, a list file with a corrupt and a missing entry, and an
 order-insensitive snapshot of an output folder."""
 
@@ -14,27 +14,29 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
-from tests.conftest import SMALL_CONFIG, random_state_dict
-
-# Thresholds at 0 so a random-weight model still yields masks; a 4x4 grid keeps it fast.
+# The bundled tiny model (trained: about 25-30 distinct masks on each test image with a
+# 4x4 grid at thresholds 0, so ids, order, RLE, boxes and snapshots compare real masks).
 GENERATOR = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 # Marker fields that depend on timing, worker or attempt, not on content.
 VOLATILE_MARKER_KEYS = ("attempt", "worker", "seconds", "committed_at")
 
 
 def write_model(folder: Path) -> tuple[str, str]:
-    """``(config.json, checkpoint.pth)`` of the small test architecture, seeded weights."""
-    from sam import build_sam
+    """``(config.json, checkpoint.pth)`` of the bundled tiny model, as a user passes a
+    custom model (``--model cfg.json --checkpoint ckpt.pth``)."""
+    import shutil
+
+    from sam.config import model_config
+    from sam.registry import bundled_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg_path, ckpt_path = folder / "small.json", folder / "small.pth"
+    cfg_path, ckpt_path = folder / "tiny.json", folder / "tiny.pth"
     if not ckpt_path.exists():
-        model = build_sam(dict(SMALL_CONFIG))
-        torch.save(random_state_dict(model, seed=1), ckpt_path)
-        cfg_path.write_text(json.dumps(SMALL_CONFIG))
+        shutil.copyfile(bundled_checkpoint("tiny"), ckpt_path)
+        cfg = {k: v for k, v in model_config("tiny").items() if k != "name"}
+        cfg_path.write_text(json.dumps(cfg))
     return str(cfg_path), str(ckpt_path)
 
 

@@ -81,6 +81,7 @@ def test_shard_outputs_match_the_generator_and_failures_are_recorded(tmp_path, m
             assert a["point_coords"] == e["point_coords"] and a["crop_box"] == e["crop_box"]
             assert a["predicted_iou"] == pytest.approx(e["predicted_iou"], abs=0)
         assert len(got) == len(expected) > 0
+        assert len({a["segmentation"]["counts"] for a in got}) >= 10  # real masks, no blob
         total += len(got)
     assert marker["annotations"] == total
 
