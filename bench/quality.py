@@ -168,18 +168,21 @@ def breakdown(instances: list[dict]) -> dict:
     return {"by_shape": by_shape, "by_size": by_size}
 
 
-def draw_worst(model, instances: list[dict], path: str, n: int = 12, scene_args=()) -> None:
+def draw_worst(
+    model, instances: list[dict], path: str, n: int = 12, scene_args=()
+) -> list[dict]:
     """A picture of the ``n`` worst point prompts: for each, the crop around the object
     and, beside it, the chosen mask (red), the ground truth's outline (green) and the
-    point (yellow)."""
+    point (yellow). Returns the instances drawn, in tile order."""
     from sam import SamPredictor
 
     if not instances:
         raise ValueError("no instances to draw")
     predictor = SamPredictor(model)
     worst = sorted(instances, key=lambda r: r["point"])[:n]
-    tiles, current = [], None
+    tiles, current, drawn = [], None, []
     for r in sorted(worst, key=lambda r: r["seed"]):
+        drawn.append(r)
         if current is None or current.seed != r["seed"]:
             current = eval_scene(r["seed"], *scene_args)
             predictor.set_image(current.image)
@@ -214,6 +217,7 @@ def draw_worst(model, instances: list[dict], path: str, n: int = 12, scene_args=
     rows = [np.concatenate(tiles[i : i + cols], 1) for i in range(0, len(tiles), cols)]
     if not cv2.imwrite(path, np.concatenate(rows, 0)[..., ::-1]):
         raise OSError(f"could not write {path}")
+    return drawn
 
 
 # --------------------------------------------------------------------------- AMG hook

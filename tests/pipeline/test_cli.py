@@ -138,8 +138,20 @@ def test_show_writes_an_overlay_png(shards, tmp_path):
 
     out = tmp_path / "ov.png"
     assert main(["show", str(shards[0]), "--id", "3", "--out", str(out)]) == 0
-    im = np.asarray(Image.open(out))
+    im = np.asarray(Image.open(out)).astype(int)
     assert im.shape == (60, 80, 3)
+    import cv2
+
+    from pipeline.sa1b_reader import ShardReader
+
+    [rec] = [r for r in ShardReader(str(shards[0])) if r.image_id == 3]
+    image = rec.image().astype(int)
+    masks = np.stack([rec.mask(i) for i in range(len(rec.annotations))]).astype(np.uint8)
+    near = cv2.dilate(masks.max(0), np.ones((3, 3), np.uint8)) > 0  # masks + outlines
+    np.testing.assert_array_equal(im[~near], image[~near])  # untouched outside
+    inside = cv2.erode(masks.max(0), np.ones((3, 3), np.uint8)) > 0
+    assert inside.sum() > 100
+    assert (np.abs(im - image).sum(-1)[inside] > 0).mean() > 0.9  # painted inside
     assert main(["show", str(shards[0]), "--id", "77", "--out", str(out)]) == 2
 
 

@@ -111,12 +111,45 @@ def test_upsample_matches_reference_postprocess():
         torch.testing.assert_close(got, expect, rtol=0, atol=1e-5)
 
 
+def _regions_case() -> tuple[np.ndarray, dict]:
+    """A 60x80 mask: a big region with holes of 5, 29 and 31 px, plus separate islands of
+    5, 29 and 31 px (4-connected areas, counted by hand)."""
+    m = np.zeros((60, 80), bool)
+    m[5:45, 5:45] = True  # the big region, 1600 px
+    m[10, 10:15] = False  # hole of 5
+    m[20:23, 10:19] = False  # 27 ...
+    m[23, 10:12] = False  # ... + 2 = hole of 29
+    m[30:33, 20:30] = False  # 30 ...
+    m[33, 20] = False  # ... + 1 = hole of 31
+    m[2, 60:65] = True  # island of 5
+    m[10:13, 60:69] = True  # 27 ...
+    m[13, 60:62] = True  # ... + 2 = island of 29
+    m[20:23, 60:70] = True  # 30 ...
+    m[23, 60] = True  # ... + 1 = island of 31
+    return m, {"holes": (10, 12), "islands": (2, 62)}  # a pixel of the 5 and 29 px region
+
+
 @pytest.mark.parametrize("mode", ["holes", "islands"])
-def test_remove_small_regions_matches_reference(mode):
-    masks = random_masks(5, 80, 90, seed=4).numpy()
-    for m in masks[4:]:
-        a, ca = ops.remove_small_regions(m, 30, mode)
-        b, cb = ref_amg.remove_small_regions(m, 30, mode)
+def test_remove_small_regions_hand_computed_and_matches_reference(mode):
+    """Regions under the threshold (5, 29 px) go, those at or over it (31 px) stay."""
+    m, probes = _regions_case()
+    got, changed = ops.remove_small_regions(m, 30, mode)
+    assert changed
+    expect = m.copy()
+    small = [(10, slice(10, 15)), (slice(20, 23), slice(10, 19)), (23, slice(10, 12))]
+    if mode == "islands":
+        small = [(2, slice(60, 65)), (slice(10, 13), slice(60, 69)), (13, slice(60, 62))]
+    for idx in small:
+        expect[idx] = mode == "holes"  # holes filled, islands removed
+    np.testing.assert_array_equal(got, expect)
+    assert got[probes[mode]] == (mode == "holes")
+    assert not got[33, 20] and got[23, 60]  # the 31 px hole and island stay in both modes
+    ref, ref_changed = ref_amg.remove_small_regions(m, 30, mode)
+    assert ref_changed == changed
+    np.testing.assert_array_equal(got, ref)
+    for r in random_masks(5, 80, 90, seed=4).numpy():
+        a, ca = ops.remove_small_regions(r, 30, mode)
+        b, cb = ref_amg.remove_small_regions(r, 30, mode)
         assert ca == cb
         np.testing.assert_array_equal(a, b)
 
@@ -152,4 +185,5 @@ def test_fast_runs_equal_simple_runs():
     for offset, size in [((0, 0), (37, 53)), ((4, 6), (50, 70)), ((0, 13), (50, 53))]:
         a = ops.masks_to_runs(masks, offset, size)
         b = ops.masks_to_runs_fast(masks, offset, size)
+        assert len(a) == len(b) == 9
         assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -10,18 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from segment_anything import SamPredictor as RefPredictor
 
 import sam as sam_pkg
+from sam import SamPredictor, build_sam, sam_model_registry
 from sam.config import model_config
 from sam.scenes import make_scene
 from tests.reference import build_reference_sam
-
-try:
-    from sam import SamPredictor, build_sam, sam_model_registry
-except ImportError:  # pragma: no cover - only while our model is being written
-    pytest.skip("sam.build_sam is not importable yet", allow_module_level=True)
-
-from segment_anything import SamPredictor as RefPredictor  # noqa: E402
 
 WEIGHTS = Path(sam_pkg.__file__).resolve().parent / "weights"
 CKPT = WEIGHTS / "sam_tiny.pth"
@@ -128,4 +123,6 @@ def test_tiny_model_segments_a_held_out_scene(models, scene):
     trained = _point_mean_iou(ours, scene)
     torch.manual_seed(0)
     untrained = _point_mean_iou(build_sam_from_config(model_config("tiny")).eval(), scene)
-    assert trained > max(0.3, 2 * untrained), (trained, untrained)
+    # the shipped model scores about 0.8 on held-out scenes (README): a checkpoint that
+    # fell far below that must not pass as "it segments"
+    assert trained > max(0.7, 2 * untrained), (trained, untrained)
