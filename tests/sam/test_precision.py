@@ -25,11 +25,14 @@ def _object_points(scene, k=6):
     return pts
 
 
-@pytest.mark.parametrize("mode", ["bf16", "torch_resize"])
+@pytest.mark.parametrize("mode", ["bf16", "fp16", "torch_resize"])
 def test_fast_modes_agree_with_exact(mode):
     tiny = sam_model_registry["tiny"]()  # fresh: nothing cached from an fp32 run
     scene = make_scene(seed=40_001, height=420, width=560)
-    fast = SamPredictor(tiny, precision="bf16") if mode == "bf16" else SamPredictor(tiny, resize="torch")
+    if mode == "torch_resize":
+        fast = SamPredictor(tiny, resize="torch")
+    else:
+        fast = SamPredictor(tiny, precision=mode)
     exact = SamPredictor(tiny)
     fast.set_image(scene.image)  # the fast mode runs first, as in a bf16-only job
     exact.set_image(scene.image)
