@@ -111,6 +111,29 @@ def test_official_recognition_by_size_and_md5(tmp_path):
         assert c.filename.split("_")[-1].removesuffix(".pth") == c.md5[:6]
 
 
+def test_a_file_matching_an_official_size_and_md5_is_recognised(tmp_path, monkeypatch):
+    """The positive case, on a small stand-in: a state dict registered (size, md5) as an
+    official small-model checkpoint is recognised, loads into that model, and offered to
+    another model is refused with the right model type named."""
+    import hashlib
+
+    import sam.checkpoint as ck
+
+    path = tmp_path / "renamed_by_the_user.pth"
+    torch.save(random_state_dict(build_sam(SMALL_CONFIG), seed=3), path)
+    data = path.read_bytes()
+    fake = ck.OfficialCheckpoint("small", "sam_small_abcdef.pth", len(data), hashlib.md5(data).hexdigest())
+    monkeypatch.setattr(ck, "OFFICIAL_CHECKPOINTS", (*OFFICIAL_CHECKPOINTS, fake))
+    assert recognise_official(str(path)) == fake
+    (tmp_path / "copy.pth").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert recognise_official(str(tmp_path / "copy.pth")) is None  # same size, other md5
+    model = build_sam(SMALL_CONFIG, checkpoint=path)  # SMALL_CONFIG's name is "small"
+    assert torch.equal(model.state_dict()["mask_decoder.iou_token.weight"],
+                       torch.load(path, weights_only=True)["mask_decoder.iou_token.weight"])
+    with pytest.raises(CheckpointError, match="official sam_small_abcdef.pth .small.*'small'"):
+        build_sam({**SMALL_CONFIG, "name": "other"}, checkpoint=path)
+
+
 def test_official_size_with_wrong_hash_is_corrupt(tmp_path):
     """A sparse file with vit_b's exact size but other bytes is a corrupt download."""
     c = next(c for c in OFFICIAL_CHECKPOINTS if c.model == "vit_b")
