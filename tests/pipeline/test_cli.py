@@ -131,6 +131,10 @@ def test_coco_output_loads_in_pycocotools(shards, tmp_path):
 
     seg = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
     assert ann["bbox"] == mask_api.toBbox(seg).tolist()  # COCO convention by default
+    assert main(["coco", str(shards[0]), "--out", str(out), "--sa1b-bbox"]) == 0
+    anns = {a["id"]: a for a in json.loads(out.read_text())["annotations"]}
+    x, y, w, h = mask_api.toBbox(seg).tolist()
+    assert anns[ann["id"]]["bbox"] == [x, y, w - 1, h - 1]  # SA-1B's inclusive last pixel
 
 
 def test_show_writes_an_overlay_png(shards, tmp_path):

@@ -75,7 +75,7 @@ def test_conflicting_rerun_is_refused_with_the_difference(change, expected):
     assert "s3://bucket/out" in str(e.value)
 
 
-def test_markers_and_status(tmp_path):
+def test_markers_and_status(tmp_path, capsys):
     out = str(tmp_path / "out")
     write_manifest(out, _manifest())
     assert committed_shards(out) == set()
@@ -105,6 +105,12 @@ def test_markers_and_status(tmp_path):
     text = format_status(st)
     assert "2/3 committed" in text and "pending     1: sa_000001" in text
     assert json.loads(json.dumps(st.as_dict()))["pending"] == ["sa_000001"]
+    from jobs.generate import main as generate_main
+
+    assert generate_main(["status", out, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["pending"] == ["sa_000001"] and shown["images_failed"] == 1
+    assert shown["failures_by_status"] == {"corrupt": 1}
 
 
 def test_status_of_an_empty_output(tmp_path):

@@ -105,6 +105,14 @@ def test_csv_list_with_image_ids(tmp_path):
     assert got == [("sa_000000", 40, "a.jpg"), ("sa_000001", 7, "b.jpg")]
 
 
+def test_tsv_list_with_commas_in_names(tmp_path):
+    lst = tmp_path / "l.tsv"
+    lst.write_text("uri\timage_id\nimgs/a,1.jpg\t5\nb.jpg\t3\n")
+    plan = build_plan(str(lst), shard_size=10)
+    got = [(it.image_id, os.path.relpath(it.uri, tmp_path)) for it in plan.shards[0].items]
+    assert got == [(5, os.path.join("imgs", "a,1.jpg")), (3, "b.jpg")]
+
+
 def test_parquet_list(tmp_path):
     lst = tmp_path / "l.parquet"
     pq.write_table(pa.table({"path": ["s3://b/1.jpg", "s3://b/2.jpg", "s3://b/3.jpg"]}), lst)
