@@ -378,3 +378,23 @@ def test_a_damaged_input_shard_is_committed_as_far_as_readable_and_reported(
     assert snapshot(out) == first
     assert len(tar_records(out / "sa_000000.tar")) == 3
     assert 0 < len(tar_records(out / "sa_000001.tar")) < 3
+
+
+def test_the_readme_offline_demo_end_to_end(ray_address, tmp_path, capsys, monkeypatch):
+    """The README's main offline path, smaller: demo images, the job with its defaults
+    (the bundled tiny model, no checkpoint argument), status, pandas and an overlay."""
+    from jobs.demo import main as demo_main
+    from pipeline.cli import main as decode_main
+
+    monkeypatch.chdir(tmp_path)
+    assert demo_main(["demo_images", "--num-images", "3", "--size", "192x256"]) == 0
+    args = ["demo_images", "demo_out", "--shard-size", "2", "--points-per-side", "8",
+            "--pred-iou-thresh", "0.3", "--stability-score-thresh", "0.6",
+            "--num-actors", "1", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "run complete" in capsys.readouterr().out
+    assert main(["status", "demo_out"]) == 0
+    anns = pd.read_parquet("demo_out/index/annotations")
+    assert anns.groupby("image_id").size().min() >= 5 and anns.image_id.nunique() == 3
+    assert decode_main(["show", "demo_out/sa_000000.tar", "--id", "1", "--out", "o.png"]) == 0
+    assert (tmp_path / "o.png").stat().st_size > 1000
