@@ -312,6 +312,10 @@ def code_version() -> dict[str, Any]:
     return out
 
 
+def _absolute_if_local(url: str) -> str:
+    return url if "://" in url else os.path.abspath(url)
+
+
 def _location(url: str) -> str:
     """``url`` comparable with another: local paths absolute, no query, no trailing /."""
     if "://" not in url or url.startswith("file://"):
@@ -349,6 +353,10 @@ def _validate(cfg: GenerateConfig) -> None:
 
 def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerConfig]:
     """Plan, manifest check/record and worker config; raises user errors before Ray starts."""
+    # local paths made absolute here: Ray workers do not share the driver's working folder
+    cfg.output = _absolute_if_local(cfg.output)
+    if cfg.checkpoint is not None:
+        cfg.checkpoint = _absolute_if_local(cfg.checkpoint)
     _validate(cfg)
     settings = resolve_generator_settings(cfg.preset, cfg.generator)
     model_arg, arch = _model_spec(cfg)
