@@ -236,8 +236,9 @@ def _background(it: Iterable[Any], maxsize: int) -> Iterator[Any]:
         return False
 
     def run() -> None:
-        source = iter(it)
+        source: Any = None
         try:
+            source = iter(it)
             for x in source:
                 if not put(x):
                     return

@@ -91,10 +91,13 @@ class SeekIndex:
     source: str = field(default="", compare=False, repr=False)  # where it was loaded from
 
     def __post_init__(self) -> None:
-        self._by_name = {n: i for i, n in enumerate(self.names)}
+        self._by_name: dict[str, int] = {}
+        for i, n in enumerate(self.names):
+            self._by_name.setdefault(n, i)  # a duplicate name: its first copy
 
     def add(self, m: Member) -> None:
-        self._by_name[m.name] = len(self.names)
+        # a duplicate name resolves to its first copy, as the readers and index keep it
+        self._by_name.setdefault(m.name, len(self.names))
         self.names.append(m.name)
         self.offsets.append(m.offset)
         self.sizes.append(m.size)

@@ -334,6 +334,7 @@ def test_background_reader_stops_and_closes_its_source_when_abandoned():
     from pipeline.actors import _background
 
     closed = threading.Event()
+    before = {t for t in threading.enumerate() if t.name == "sa1b-shard-reader"}
 
     def source():
         try:
@@ -350,11 +351,13 @@ def test_background_reader_stops_and_closes_its_source_when_abandoned():
     g.close()
     assert closed.wait(5), "the source iterator was not closed"
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(
-        t.name == "sa1b-shard-reader" for t in threading.enumerate()
-    ):
+    def ours():
+        return [t for t in threading.enumerate() if t.name == "sa1b-shard-reader"
+                and t not in before]  # fmt: skip
+
+    while time.monotonic() < deadline and ours():
         time.sleep(0.05)
-    assert not [t for t in threading.enumerate() if t.name == "sa1b-shard-reader"]
+    assert not ours()
 
 
 def test_background_reader_passes_items_and_errors_through():

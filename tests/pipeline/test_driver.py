@@ -42,6 +42,7 @@ def test_worker_env_forwards_store_settings_but_no_secret(monkeypatch):
         ),
         "FSSPEC_S3_ENDPOINT_URL": "http://user:s-10@minio:9000",
         "AWS_CA_BUNDLE": "/etc/ssl/ca.pem",
+        "FSSPEC_S3_CONFIG_KWARGS": json.dumps({"signature_version": "s3v4"}),  # a setting
         "HOME": "/home/someone",
     }
     for k, v in env.items():
@@ -52,6 +53,7 @@ def test_worker_env_forwards_store_settings_but_no_secret(monkeypatch):
     assert out["FSSPEC_HTTP_BLOCK_SIZE"] == "1048576" and "HOME" not in out
     assert out["FSSPEC_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert out["AWS_CA_BUNDLE"] == "/etc/ssl/ca.pem"
+    assert json.loads(out["FSSPEC_S3_CONFIG_KWARGS"]) == {"signature_version": "s3v4"}
     assert json.loads(out["FSSPEC_HTTP"]) == {"client_kwargs": {"headers": {"X-Trace": "on"}}}
     # what fsspec makes of the forwarded variables: the same options, less the secrets
     conf: dict = {}
@@ -60,6 +62,7 @@ def test_worker_env_forwards_store_settings_but_no_secret(monkeypatch):
         "anon": False,
         "client_kwargs": {"region_name": "eu"},  # the option variable applies last
         "endpoint_url": "http://minio:9000",  # without its user:password@
+        "config_kwargs": {"signature_version": "s3v4"},
     }
     conf = {}
     fsspec.config.set_conf_env(conf, {"FSSPEC_S3": out["FSSPEC_S3"]})

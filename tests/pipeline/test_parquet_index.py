@@ -144,9 +144,11 @@ def test_malformed_record_fields_are_reported_per_member(tmp_path, damage, messa
 
 def test_duplicate_members_are_reported_and_indexed_once(tmp_path):
     out = str(tmp_path / "idx")
-    members, _ = members_of(2)
+    members, records = members_of(2)
     names = [n for n, _ in members]
-    members.append(members[names.index("./sa_1.json")])
+    second = json.loads(members[names.index("./sa_1.json")][1])
+    second["annotations"] = second["annotations"][:1]  # a different second copy
+    members.append(("./sa_1.json", json.dumps(second).encode()))
     members.append(members[names.index("./sa_2.jpg")])
     p = write_members(tmp_path / "sa_000007.tar", members)
     res = index_shard(str(p), out)
@@ -155,6 +157,14 @@ def test_duplicate_members_are_reported_and_indexed_once(tmp_path):
     assert sorted(pd.read_parquet(out + "/images").image_id) == [1, 2]
     anns = pd.read_parquet(out + "/annotations")
     assert not anns.id.duplicated().any()
+    n_first = len(records[1][1]["annotations"])
+    assert n_first > 1 and (anns.image_id == 1).sum() == n_first  # the first copy
+    # the seek index agrees: random access gives the first copy too
+    from pipeline.seek_index import seek_index_name
+
+    idx = SeekIndex.load(f"{out}/seek/{seek_index_name(str(p))}")
+    with idx.open(str(p)) as ra:
+        assert len(ra.get(1).annotations) == n_first
 
 
 def test_overwrite_killed_half_way_does_not_stay_marked_indexed(tmp_path, monkeypatch):
