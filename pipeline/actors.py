@@ -114,6 +114,7 @@ class _Loaded:
     jpeg: bytes | None = None
     status: str = "ok"
     reason: str | None = None
+    transient: bool = False  # a generator error another attempt may not meet
     records: list[dict[str, Any]] | None = None
 
 
@@ -199,6 +200,14 @@ def load_image(
         return _Loaded(image_id, uri, arr, jpeg)
     except _ImageFailure as e:
         return _Loaded(image_id, uri, status=e.status, reason=scrub(e.reason))
+
+
+def _transient(e: BaseException) -> bool:
+    """Whether a generator error may well not recur on another attempt or device."""
+    if isinstance(e, MemoryError):
+        return True
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(w in text for w in ("out of memory", "outofmemory", "cuda", "cudnn", "cublas"))
 
 
 def _ordered(
@@ -616,6 +625,7 @@ class ShardProcessor:
             self._free_device_memory()
             it = ok[0]
             it.status, it.reason = "error", scrub(f"generator: {type(e).__name__}: {e}")
+            it.transient = _transient(e)
             log.warning("image %d (%s): %s", it.image_id, redact(it.uri), it.reason)
             return 1
 
@@ -633,7 +643,7 @@ class ShardProcessor:
         out = _ShardOutput(cfg, task)
         writer = _Writer(out, cfg.prefetch)
         prog = _Progress(progress, task.name, task.attempt)
-        gen_errors = generated = 0
+        gen_errors = generated = transient = 0
         first_error: list[str | None] = []
         try:
             with ThreadPoolExecutor(
@@ -642,10 +652,11 @@ class ShardProcessor:
                 batch: list[_Loaded] = []
 
                 def flush() -> None:
-                    nonlocal gen_errors, generated
+                    nonlocal gen_errors, generated, transient
                     generated += sum(it.status == "ok" for it in batch)
                     gen_errors += self._generate(batch)
                     for it in batch:
+                        transient += it.transient
                         if it.status == "error" and not first_error:
                             first_error.append(it.reason)
                         writer.put(it)
@@ -657,9 +668,9 @@ class ShardProcessor:
                     if sum(b.status == "ok" for b in batch) >= cfg.batch_images:
                         flush()
                 flush()
-                if gen_errors and (not task.final or gen_errors == generated):
-                    # nothing of this attempt is committed: a failure on another worker
-                    # or device (out of memory, a lost GPU) gets another chance
+                if (transient and not task.final) or (gen_errors and gen_errors == generated):
+                    # nothing of this attempt is committed: a transient failure (out of
+                    # memory, a GPU error) gets another chance, on another worker
                     what = "every image" if gen_errors == generated else f"{gen_errors} images"
                     raise RuntimeError(
                         f"{task.name}: the generator failed on {what} "

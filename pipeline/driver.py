@@ -412,22 +412,9 @@ def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerC
         recorded_cmp.get("model", {}).pop("checkpoint", None)  # where it lies may change
         new_cmp = json.loads(json.dumps(manifest))
         new_cmp["model"].pop("checkpoint", None)
-        try:
-            check_compatible(recorded_cmp, new_cmp, cfg.output)
-            manifest = recorded
-            log.info("resuming run %s in %s", recorded.get("run_id"), redact(cfg.output))
-        except RunConflictError:
-            # a run that never committed a shard (its workers could not start: a wrong
-            # checkpoint, a bad option) holds nothing to protect: the new run replaces it
-            if committed_shards(cfg.output):
-                raise
-            log.warning(
-                "output %s holds a run %s that committed no shard; replacing it with run %s",
-                redact(cfg.output),
-                recorded.get("run_id"),
-                run_id,
-            )
-            write_manifest(cfg.output, manifest, plan)
+        check_compatible(recorded_cmp, new_cmp, cfg.output)
+        manifest = recorded
+        log.info("resuming run %s in %s", recorded.get("run_id"), redact(cfg.output))
     wcfg = WorkerConfig(
         output=cfg.output,
         run_id=manifest["run_id"],
@@ -681,9 +668,28 @@ def _bars(cfg: GenerateConfig, shards: int, images: int | None):
     return sb, ib
 
 
+def _forget_run(out: str) -> None:
+    """Remove the manifest and plan this run recorded when its workers could not start
+    (a wrong checkpoint, a cluster without the resources): nothing was committed, so the
+    corrected command starts afresh instead of being refused as a different run."""
+    from pipeline.io import remove
+    from pipeline.manifest import manifest_url, plan_url
+
+    if committed_shards(out):
+        return
+    with contextlib.suppress(Exception):
+        remove(manifest_url(out))
+        remove(plan_url(out))
+        log.info("no worker started: the run recorded in %s is removed", redact(out))
+
+
 def run_generation(cfg: GenerateConfig) -> RunSummary:
     """Run (or resume) a generation job; see the module docstring."""
     t_start = time.perf_counter()
+    try:
+        new_run = load_manifest(_absolute_if_local(cfg.output)) is None
+    except Exception:  # prepare_run reports an unreachable output
+        new_run = False
     manifest, plan, wcfg = prepare_run(cfg)
     run_id = manifest["run_id"]
     done_before = committed_shards(cfg.output)
@@ -709,7 +715,12 @@ def run_generation(cfg: GenerateConfig) -> RunSummary:
             n = min(n, len(todo))
             log.info("starting %d workers (%s GPU, %s CPU each)", n, gpus, cfg.cpus_per_actor)
             pool = _Pool(cfg, wcfg, n, gpus)
-            pool.wait_ready()
+            try:
+                pool.wait_ready()
+            except WorkerStartError:
+                if new_run:
+                    _forget_run(cfg.output)
+                raise
             workers = [s.info for s in pool.slots]
             t_ready = time.perf_counter()
             out = _dispatch(cfg, plan, todo, pool)

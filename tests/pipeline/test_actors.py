@@ -309,6 +309,28 @@ def test_generator_errors_fail_the_attempt_and_are_recorded_only_on_the_last(
     assert "CUDA out of memory" in failure["reason"]
     assert sorted(tar_records(out / "sa_000000.tar")) == [1, 2, 4]
 
+    # an error that would recur on every attempt is recorded at once: no retries that
+    # would spend the whole shard's GPU time again for one image
+    def broken(images):
+        if any(np.array_equal(im, bad) for im in images):
+            raise ValueError("an image the generator cannot handle")
+        return real(images)
+
+    out2 = tmp_path / "out2"
+    proc2 = ShardProcessor(_config(out2, model_files, batch_images=2))
+    proc2.generator.generate_batch = broken
+    marker = proc2.process(ShardTask(0, "sa_000000", items, attempt=1, final=False))
+    assert (marker["images_ok"], marker["generator_errors"]) == (3, 1)
+    assert "ValueError" in marker["failures"][0]["reason"]
+
+    def all_broken(images):
+        raise ValueError("nothing works")
+
+    proc2.generator.generate_batch = all_broken  # every image: the shard is not committed
+    with pytest.raises(RuntimeError, match="the generator failed on every image"):
+        proc2.process(ShardTask(1, "sa_000001", items, attempt=3, final=True))
+    assert not (out2 / "_commits" / "sa_000001.json").exists()
+
 
 def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     """A 16-bit grayscale PNG is scaled (not clipped to white by Pillow's RGB convert),

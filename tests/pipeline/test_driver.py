@@ -118,21 +118,37 @@ def test_bad_generator_settings_are_refused_before_anything_is_recorded(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_a_run_that_committed_nothing_is_replaced_by_a_corrected_one(tmp_path, caplog):
-    """Workers that could not start (a wrong checkpoint, an option they refused) leave a
-    manifest but no committed shard: the corrected command starts over instead of being
-    refused as a different run. Once a shard is committed, the run is protected."""
-    from pipeline.driver import prepare_run
+def test_a_run_whose_workers_cannot_start_records_nothing(tmp_path, monkeypatch):
+    """Workers that cannot start (a wrong remote checkpoint, a cluster without the
+    resources) leave no run behind, so the corrected command is not refused as a
+    different run; a recorded run that did start stays protected."""
+    from pipeline import driver
     from pipeline.manifest import RunConflictError, load_manifest, write_marker
 
-    first, _, _ = prepare_run(_run_config(tmp_path, points_per_side=3))
-    second, _, _ = prepare_run(_run_config(tmp_path, points_per_side=5))
-    assert second["run_id"] != first["run_id"]
-    assert load_manifest(str(tmp_path / "out"))["run_id"] == second["run_id"]
-    assert "committed no shard; replacing it" in caplog.text
-    write_marker(str(tmp_path / "out"), "sa_000000", {"shard": "sa_000000"})
+    class NoWorkers:
+        def __init__(self, *a):
+            pass
+
+        def wait_ready(self):
+            raise driver.WorkerStartError("a worker could not start: bad checkpoint")
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(driver, "_connect", lambda cfg: False)
+    monkeypatch.setattr(driver, "_default_actors", lambda cfg: (1, 0))
+    monkeypatch.setattr(driver, "_Pool", NoWorkers)
+    out = str(tmp_path / "out")
+    with pytest.raises(driver.WorkerStartError):
+        driver.run_generation(_run_config(tmp_path, points_per_side=3))
+    assert load_manifest(out) is None
+    first, _, _ = driver.prepare_run(_run_config(tmp_path, points_per_side=5))  # accepted
+    write_marker(out, "sa_000000", {"shard": "sa_000000", "run_id": first["run_id"]})
+    with pytest.raises(driver.WorkerStartError):  # a resumed run that cannot start ...
+        driver.run_generation(_run_config(tmp_path, points_per_side=5))
+    assert load_manifest(out)["run_id"] == first["run_id"]  # ... keeps its record
     with pytest.raises(RunConflictError, match="points_per_side: recorded 5, now 3"):
-        prepare_run(_run_config(tmp_path, points_per_side=3))
+        driver.prepare_run(_run_config(tmp_path, points_per_side=3))
 
 
 def test_summary_fails_when_the_generator_failed_on_images_in_every_attempt():
