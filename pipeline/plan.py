@@ -98,8 +98,27 @@ class ShardSpec:
         return None if self.source is not None else len(self.items)
 
 
+# query parameters of signed links (S3, GCS, CloudFront, Azure SAS, the SA-1B CDN) and of
+# credentials: secrets or expiry, not the identity of the file
+_SIGNING = re.compile(
+    r"x-amz-.*|x-goog-.*|signature|expires|key-pair-id|policy|oh|oe|_nc_.*|ccb|token|"
+    r"sig|se|sp|sv|sr|st|ss|srt|spr|skoid|sktid|skt|ske|sks|skv|"
+    r".*key|.*secret.*|.*token.*|.*passw.*|.*credential.*|auth.*",
+    re.IGNORECASE,
+)
+
+
 def _stable_uri(uri: str) -> str:
-    return redact(uri) if uri.startswith(("http://", "https://")) else uri
+    """An http(s) URI without signing parameters and user info; other URIs unchanged."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if not _SIGNING.fullmatch(k)]  # fmt: skip
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
 
 
 @dataclass
@@ -122,9 +141,9 @@ class ShardPlan:
         raise KeyError(name)
 
     def _rows(self) -> Iterable[tuple[int, int | None, str]]:
-        """``(shard id, image id, uri)``; an http(s) URI without its query string: signed
-        links carry secrets there, and a refreshed link (SA-1B's expire) is the same
-        input, so neither is recorded nor part of the fingerprint."""
+        """``(shard id, image id, uri)``; an http(s) URI without its signing parameters:
+        they are secrets, and a refreshed signature (SA-1B's links expire) is the same
+        input, so they are neither recorded nor part of the fingerprint."""
         for s in self.shards:
             if s.source is not None:
                 yield s.shard_id, None, _stable_uri(s.source)

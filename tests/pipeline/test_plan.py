@@ -71,6 +71,12 @@ def test_signed_link_refresh_keeps_the_plan_and_secrets_are_not_stored(tmp_path)
     assert ShardPlan.load(str(tmp_path / "plan.parquet")).shards[0].source == (
         "https://cdn.example/sa_000020.tar"
     )
+    by_query = [
+        ShardPlan("images", [ShardSpec(0, (ImageItem(1, f"https://h/img?id={i}&api_key=K{i}"),))])
+        for i in (1, 2)
+    ]  # a query that names the image stays; a key does not
+    assert by_query[0].fingerprint() != by_query[1].fingerprint()
+    assert by_query[0].to_table().column("uri").to_pylist() == ["https://h/img?id=1"]
     local = [ShardSpec(0, (ImageItem(1, "/d/a?1.jpg"),)), ShardSpec(1, (ImageItem(2, "/d/a?2.jpg"),))]
     other = [ShardSpec(0, (ImageItem(1, "/d/a?1.jpg"),)), ShardSpec(1, (ImageItem(2, "/d/a?3.jpg"),))]
     assert ShardPlan("images", local).fingerprint() != ShardPlan("images", other).fingerprint()
