@@ -8,6 +8,7 @@ shard). Results go to stdout, diagnostics to stderr through logging.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -665,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_INPUT_ERRNOS = {errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENOENT}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -684,12 +688,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CorruptShardError, RecordError, ValueError) as e:
         log.error("%s", scrub(str(e)))
         return EXIT_PROBLEMS
-    except OSError as e:  # (after CorruptShardError, an OSError) a directory, no access
+    except OSError as e:  # (after CorruptShardError, an OSError)
         if getattr(e, "filename", None) and e.strerror:
             log.error("%s: %s", scrub(redact(str(e.filename))), e.strerror)
         else:
             log.error("%s", describe(e))
-        return EXIT_USAGE
+        # a wrong input (a folder, no access) is a usage error; a failing disk or network
+        # is a problem worth retrying
+        return EXIT_USAGE if e.errno in _INPUT_ERRNOS else EXIT_PROBLEMS
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130

@@ -48,7 +48,7 @@ def build_sam(
 
     Called the reference's way, ``build_sam("sam_vit_h_4b8939.pth")`` (the reference's
     ``build_sam`` is ``build_sam_vit_h``), a path or URL as the first argument builds
-    ``vit_h`` from that checkpoint.
+    ``vit_h`` from that checkpoint, or the model an official checkpoint is.
 
     `checkpoint` is a local path or any fsspec URL (``s3://...``, ``https://...``); it is
     read with ``torch.load(weights_only=True)`` and must fit the architecture exactly.
@@ -57,7 +57,9 @@ def build_sam(
     Nothing is ever downloaded implicitly.
     """
     if checkpoint is None and _is_checkpoint_path(model):
-        model, checkpoint = "vit_h", model  # type: ignore[assignment]
+        # an official file names its model; anything else is vit_h, as for the reference
+        official = recognise_official(os.fspath(model))  # type: ignore[arg-type]
+        model, checkpoint = (official.model if official else "vit_h"), model  # type: ignore[assignment]
     cfg = model_config(model) if isinstance(model, str) else validate_config(model)
     if checkpoint is None:
         checkpoint = bundled_checkpoint(cfg["name"])
@@ -92,7 +94,8 @@ def _is_checkpoint_path(model: object) -> bool:
         return True
     if not isinstance(model, str) or model in model_names():
         return False
-    return any(c in model for c in "/\\.")  # a folder, a URL or a file name with a suffix
+    # a folder, a URL, a file name with a suffix, or an existing file
+    return any(c in model for c in "/\\.") or os.path.isfile(model)
 
 
 def _builder(name: str) -> Callable[..., Sam]:

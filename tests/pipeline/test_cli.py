@@ -267,6 +267,55 @@ def test_download_never_promotes_an_incomplete_file(http_server, tmp_path, capsy
     assert (out / "sa_000020.tar").read_bytes() == data
 
 
+class _FakeResponse:
+    def __init__(self, status, headers, body=b""):
+        self.status_code, self.headers, self.body = status, headers, body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def iter_content(self, n):
+        yield from (self.body[i : i + n] for i in range(0, len(self.body), n))
+
+
+class _FakeSession:
+    def __init__(self, response):
+        self.response = response
+
+    def get(self, *a, **k):
+        return self.response
+
+
+def test_download_checks_sizes_itself(tmp_path):
+    """Against a server (or client) that does not enforce lengths: a body shorter than its
+    Content-Length stays a resumable .part; a 416 without a size keeps a .part only when
+    the md5 checklist vouches for it."""
+    import hashlib as hl
+
+    from pipeline.download import DownloadError, download_file
+
+    data = write_members(tmp_path / "src.tar", members_of(2)[0]).read_bytes()
+    out = tmp_path / "dl"
+    short = _FakeResponse(200, {"Content-Length": str(len(data))}, data[: len(data) // 2])
+    with pytest.raises(DownloadError, match=f"got {len(data) // 2} of {len(data)} bytes"):
+        download_file("sa_000020.tar", "https://h/x", str(out), session=_FakeSession(short))
+    assert (out / "sa_000020.tar.part").stat().st_size == len(data) // 2
+    assert not (out / "sa_000020.tar").exists()
+
+    (out / "sa_000020.tar.part").write_bytes(data)
+    no_range = _FakeSession(_FakeResponse(416, {}))
+    res = download_file("sa_000020.tar", "https://h/x", str(out), session=no_range,
+                        md5=hl.md5(data).hexdigest())  # fmt: skip
+    assert res.status == "resumed" and (out / "sa_000020.tar").read_bytes() == data
+    (out / "sa_000021.tar.part").write_bytes(data[:100])
+    with pytest.raises(DownloadError, match="refused to resume"):
+        download_file("sa_000021.tar", "https://h/x", str(out), session=no_range)
+    assert not (out / "sa_000021.tar.part").exists() and not (out / "sa_000021.tar").exists()
+
+
 @pytest.mark.parametrize(
     "text,why",
     [(b"", "no md5 entries"), (b"# only a comment\n", "no md5 entries"),

@@ -132,6 +132,12 @@ def test_a_file_matching_an_official_size_and_md5_is_recognised(tmp_path, monkey
                        torch.load(path, weights_only=True)["mask_decoder.iou_token.weight"])
     with pytest.raises(CheckpointError, match="official sam_small_abcdef.pth .small.*'small'"):
         build_sam({**SMALL_CONFIG, "name": "other"}, checkpoint=path)
+    # the reference-style build_sam(path) builds the model an official file is
+    import sam.config as sc
+
+    small = {**sc._COMMON, **{k: v for k, v in SMALL_CONFIG.items() if k != "name"}}
+    monkeypatch.setitem(sc._CONFIGS, "small", small)
+    assert build_sam(str(path)).image_encoder.patch_embed.proj.out_channels == 64
 
 
 def test_official_size_with_wrong_hash_is_corrupt(tmp_path):
@@ -197,3 +203,7 @@ def test_reference_style_build_sam_with_a_path_builds_vit_h(tmp_path, monkeypatc
         sam.build_sam(str(tmp_path / "nowhere.pth"))
     with pytest.raises(KeyError, match="unknown model 'vit_hh'"):
         sam.build_sam("vit_hh")
+    (tmp_path / "ckpt").write_bytes(path.read_bytes())  # no suffix, but an existing file
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="ckpt.*vit_h"):
+        sam.build_sam("ckpt")
