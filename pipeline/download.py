@@ -45,7 +45,7 @@ def _read_text(url: str, what: str) -> str:
     with open_url(url) as f:
         data = f.read()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # (a byte-order mark is dropped)
     except UnicodeDecodeError:
         raise ValueError(f"{redact(url)}: not a text file (expected {what})") from None
 
@@ -74,10 +74,16 @@ def read_md5_checklist(url: str) -> dict[str, str]:
     for i, ln in enumerate(text.splitlines(), start=1):
         if not ln.strip() or ln.lstrip().startswith("#"):
             continue
-        parts = ln.split()
-        if len(parts) < 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", parts[0]):
-            raise ValueError(f"{redact(url)}:{i}: not an md5sum line: {ln[:80]!r}")
-        out[parts[-1].lstrip("*").removeprefix("./")] = parts[0].lower()
+        tagged = re.fullmatch(r"MD5 \((.+)\) = ([0-9a-fA-F]{32})\s*", ln)  # md5sum --tag
+        if tagged:
+            name, digest = tagged.group(1), tagged.group(2)
+        else:
+            parts = ln.split()
+            digest = parts[0].removeprefix("\\") if parts else ""  # md5sum's escape mark
+            if len(parts) < 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", digest):
+                raise ValueError(f"{redact(url)}:{i}: not an md5sum line: {ln[:80]!r}")
+            name = parts[-1].lstrip("*")
+        out[name.removeprefix("./")] = digest.lower()
     if not out:
         raise ValueError(f"{redact(url)}: no md5 entries")
     return out

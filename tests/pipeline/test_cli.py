@@ -330,6 +330,18 @@ def test_an_unusable_md5_checklist_is_a_usage_error(small_shard, tmp_path, caplo
     assert f"--md5 {checklist}" in caplog.text and why in caplog.text
 
 
+@pytest.mark.parametrize("fmt", ["{bom}{md5}  ./{name}\n", "# list\nMD5 ({name}) = {MD5}\n"])
+def test_md5_checklist_formats(small_shard, tmp_path, capsys, fmt):
+    import hashlib as hl
+
+    shard, _ = small_shard
+    md5 = hl.md5(shard.read_bytes()).hexdigest()
+    checklist = tmp_path / "md5.txt"
+    checklist.write_text(fmt.format(bom="\ufeff", md5=md5, MD5=md5.upper(), name=shard.name))
+    assert main(["validate", str(shard), "--md5", str(checklist)]) == 0
+    assert "md5 ok" in capsys.readouterr().out
+
+
 def test_a_links_file_that_is_not_text_is_a_usage_error(tmp_path, caplog):
     links = tmp_path / "links.txt"
     links.write_bytes(b"\xff\xfe\x00\x01")
