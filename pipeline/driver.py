@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -195,11 +194,10 @@ class RunSummary:
 
 
 def _generator_defaults() -> dict[str, Any]:
-    from sam.amg import SamAutomaticMaskGenerator
+    from sam.amg import generator_defaults
 
-    skip = {"self", "model", "point_grids", "output_mode", "batch_size", "max_upsample_pixels"}
-    sig = inspect.signature(SamAutomaticMaskGenerator.__init__)
-    return {k: p.default for k, p in sig.parameters.items() if k not in skip}
+    skip = {"point_grids", "output_mode", "batch_size", "max_upsample_pixels"}
+    return {k: v for k, v in generator_defaults().items() if k not in skip}
 
 
 def resolve_generator_settings(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +215,7 @@ def resolve_generator_settings(preset: str, overrides: dict[str, Any]) -> dict[s
     from sam.amg import check_generator_args
 
     try:  # here, before anything is recorded or any worker starts
-        check_generator_args(**settings)
+        check_generator_args(settings)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"generator settings: {e}") from None
     return settings

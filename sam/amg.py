@@ -15,10 +15,12 @@ organised for throughput instead:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,65 +72,49 @@ class _Masks:
     crops: list[tuple[list[int], tuple[int, int]]] = field(default_factory=list)  # box, input size
 
 
-def check_generator_args(
-    points_per_side: int | None = 32,
-    points_per_batch: int = 64,
-    pred_iou_thresh: float = 0.88,
-    stability_score_thresh: float = 0.95,
-    stability_score_offset: float = 1.0,
-    box_nms_thresh: float = 0.7,
-    crop_n_layers: int = 0,
-    crop_nms_thresh: float = 0.7,
-    crop_overlap_ratio: float = 512 / 1500,
-    crop_n_points_downscale_factor: int = 1,
-    point_grids: list[np.ndarray] | None = None,
-    min_mask_region_area: int = 0,
-    output_mode: str = "binary_mask",
-    **_: Any,
-) -> None:
-    """Raise ``ValueError`` naming the first unusable generator argument (no model needed:
-    a job checks its settings before it records them or starts any worker)."""
-    if (points_per_side is None) == (point_grids is None):
+def generator_defaults() -> dict[str, Any]:
+    """Every keyword argument of the generator with its default."""
+    sig = inspect.signature(SamAutomaticMaskGenerator.__init__)
+    return {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
+
+
+def check_generator_args(settings: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first unusable generator argument in ``settings``
+    (missing ones take the generator's defaults). No model is needed: a job checks its
+    settings before it records them or starts any worker."""
+    a = {**generator_defaults(), **settings}
+    per_side, layers, factor = a["points_per_side"], a["crop_n_layers"], a["crop_n_points_downscale_factor"]
+    if (per_side is None) == (a["point_grids"] is None):
         raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
-    if output_mode not in OUTPUT_MODES:
-        raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
-    if points_per_batch < 1:
+    if a["output_mode"] not in OUTPUT_MODES:
+        raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {a['output_mode']!r}")
+    if a["points_per_batch"] < 1:
         raise ValueError("points_per_batch must be at least 1")
-    floats = {
-        "pred_iou_thresh": pred_iou_thresh,
-        "stability_score_thresh": stability_score_thresh,
-        "stability_score_offset": stability_score_offset,
-        "box_nms_thresh": box_nms_thresh,
-        "crop_nms_thresh": crop_nms_thresh,
-        "crop_overlap_ratio": crop_overlap_ratio,
-    }
-    for name, v in floats.items():
-        if not math.isfinite(v):  # NaN would silently switch a filter off
-            raise ValueError(f"{name} must be a finite number, got {v}")
-    if crop_n_layers < 0 or crop_n_points_downscale_factor < 1:
+    for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
+                 "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):  # fmt: skip
+        if not math.isfinite(a[name]):  # NaN would silently switch a filter off
+            raise ValueError(f"{name} must be a finite number, got {a[name]}")
+    if layers < 0 or factor < 1:
         raise ValueError("crop_n_layers must be >= 0 and crop_n_points_downscale_factor >= 1")
-    if not 0.0 <= crop_overlap_ratio < 1.0:
-        raise ValueError(f"crop_overlap_ratio must be in [0, 1), got {crop_overlap_ratio}")
-    if stability_score_thresh > 1.0:
+    if not 0.0 <= a["crop_overlap_ratio"] < 1.0:
+        raise ValueError(f"crop_overlap_ratio must be in [0, 1), got {a['crop_overlap_ratio']}")
+    if a["stability_score_thresh"] > 1.0:
         raise ValueError(
-            f"stability_score_thresh must be at most 1 (a ratio of areas), got "
-            f"{stability_score_thresh}"
+            "stability_score_thresh must be at most 1 (a ratio of areas), got "
+            f"{a['stability_score_thresh']}"
         )
-    if pred_iou_thresh > 1.0:
-        log.warning("pred_iou_thresh %s > 1 keeps almost no masks", pred_iou_thresh)
-    if points_per_side is not None:
-        if not 1 <= points_per_side <= MAX_POINTS_PER_SIDE:
-            raise ValueError(
-                f"points_per_side must be in [1, {MAX_POINTS_PER_SIDE}], got {points_per_side}"
-            )
-        for layer in range(crop_n_layers + 1):
-            if points_per_side // crop_n_points_downscale_factor**layer < 1:
+    if a["pred_iou_thresh"] > 1.0:
+        log.warning("pred_iou_thresh %s > 1 keeps almost no masks", a["pred_iou_thresh"])
+    if per_side is not None:
+        if not 1 <= per_side <= MAX_POINTS_PER_SIDE:
+            raise ValueError(f"points_per_side must be in [1, {MAX_POINTS_PER_SIDE}], got {per_side}")
+        for layer in range(layers + 1):
+            if per_side // factor**layer < 1:
                 raise ValueError(
-                    f"crop layer {layer} would have no points: points_per_side "
-                    f"{points_per_side} / crop_n_points_downscale_factor "
-                    f"{crop_n_points_downscale_factor}**{layer} < 1"
+                    f"crop layer {layer} would have no points: points_per_side {per_side} / "
+                    f"crop_n_points_downscale_factor {factor}**{layer} < 1"
                 )
-    if points_per_side is None and len(point_grids) < crop_n_layers + 1:
+    elif len(a["point_grids"]) < layers + 1:
         raise ValueError("point_grids needs one grid per crop layer (crop_n_layers + 1)")
 
 
@@ -161,12 +147,7 @@ class SamAutomaticMaskGenerator:
         precision: "fp32", "bf16" or "fp16" for encoder and decoder (autocast).
         max_upsample_pixels: bound on full-resolution logits held at once (memory).
         """
-        check_generator_args(
-            points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh,
-            stability_score_offset, box_nms_thresh, crop_n_layers, crop_nms_thresh,
-            crop_overlap_ratio, crop_n_points_downscale_factor, point_grids,
-            min_mask_region_area, output_mode,
-        )  # fmt: skip
+        check_generator_args(locals())  # every argument, before any work
         if points_per_side is not None:
             self.point_grids = ops.layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
