@@ -164,16 +164,18 @@ def test_driver_killed_with_sigkill_then_rerun_equals_clean_run(
     assert hidden_files(out) == []
 
 
-def test_actor_killed_mid_shard_is_retried_elsewhere(clean, inputs, model_files, tmp_path):
+def _run_killing_a_worker_mid_shard(cfg: GenerateConfig, join_s: float = 180) -> tuple:
+    """Run ``cfg`` on a thread and kill a worker while a shard is being written (its tar's
+    temp file exists, no marker yet); returns ``(result, killed, thread)``."""
     import ray
 
-    out = tmp_path / "out"
+    out = Path(cfg.output)
     result: dict = {}
 
     def run():
         try:
-            result["summary"] = run_generation(_config(inputs, model_files, out))
-        except BaseException as e:  # surfaced below
+            result["summary"] = run_generation(cfg)
+        except BaseException as e:  # surfaced by the caller
             result["error"] = e
 
     t = threading.Thread(target=run, daemon=True)
@@ -181,7 +183,6 @@ def test_actor_killed_mid_shard_is_retried_elsewhere(clean, inputs, model_files,
     killed = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and t.is_alive() and killed is None:
-        # a shard is being written: its tar's temp file exists and it has no marker yet
         for tmp in out.glob(".sa_*.tar.tmp-*") if out.exists() else []:
             name = tmp.name[1:].split(".")[0]
             if not (out / "_commits" / f"{name}.json").exists():
@@ -193,9 +194,15 @@ def test_actor_killed_mid_shard_is_retried_elsewhere(clean, inputs, model_files,
                     killed = (workers[0], name)
                 break
         time.sleep(0.01)
-    t.join(180)
+    t.join(join_s)
     assert killed is not None, "no shard was seen in progress"
     assert "error" not in result, result.get("error")
+    return result, killed, t
+
+
+def test_actor_killed_mid_shard_is_retried_elsewhere(clean, inputs, model_files, tmp_path):
+    out = tmp_path / "out"
+    result, _, _ = _run_killing_a_worker_mid_shard(_config(inputs, model_files, out))
     summary = result["summary"]
     assert summary.ok and summary.retries >= 1 and summary.actors_replaced >= 1
     assert snapshot(out) == snapshot(clean[0])
@@ -208,8 +215,6 @@ def test_a_replacement_worker_that_cannot_be_placed_is_dropped_not_waited_for(
     """After a worker dies, its replacement asks for resources the cluster does not have
     (a lost GPU node): the driver drops it after the start timeout and finishes on the
     other worker instead of waiting for ever."""
-    import ray
-
     from pipeline import driver
 
     spawn = driver._Pool._spawn
@@ -221,30 +226,9 @@ def test_a_replacement_worker_that_cannot_be_placed_is_dropped_not_waited_for(
 
     monkeypatch.setattr(driver._Pool, "_spawn", unplaceable_replacements)
     out = tmp_path / "out"
-    result: dict = {}
-
-    def run():
-        try:
-            cfg = _config(inputs, model_files, out, actor_start_timeout=20.0)
-            result["summary"] = run_generation(cfg)
-        except BaseException as e:  # surfaced below
-            result["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    killed = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and t.is_alive() and killed is None:
-        if out.exists() and list(out.glob(".sa_*.tar.tmp-*")):
-            workers = sorted(n for n in ray.util.list_named_actors() if n.startswith("sa1b-worker-"))
-            if workers:
-                ray.kill(ray.get_actor(workers[0]), no_restart=True)
-                killed = workers[0]
-        time.sleep(0.01)
-    t.join(240)
+    cfg = _config(inputs, model_files, out, actor_start_timeout=20.0)
+    result, _, t = _run_killing_a_worker_mid_shard(cfg, join_s=240)
     assert not t.is_alive(), "the driver waited for an actor that can never start"
-    assert killed is not None, "no shard was seen in progress"
-    assert "error" not in result, result.get("error")
     summary = result["summary"]
     assert summary.ok and summary.actors_replaced == 1
     assert snapshot(out) == snapshot(clean[0])
