@@ -141,7 +141,9 @@ def test_png_rerun_replaces_the_folder(image_dir, tmp_path):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--points-per-side", "0"], "points_per_side must be at least 1"),
+        (["--points-per-side", "0"], "points_per_side must be in [1, 1024], got 0"),
+        (["--points-per-side", "70000"], "points_per_side must be in [1, 1024], got 70000"),
+        (["--pred-iou-thresh", "nan"], "pred_iou_thresh must be a finite number"),
         (["--crop-n-layers", "6", "--crop-n-points-downscale-factor", "2"], "crop layer 6 would"),
         (["--crop-n-layers", "1", "--crop-overlap-ratio", "5"], "crop_overlap_ratio must be"),
         (["--stability-score-thresh", "1.5"], "stability_score_thresh must be at most 1"),
