@@ -7,9 +7,10 @@ Joins a cluster when given one (``--address`` or ``RAY_ADDRESS``, as under
 ``ray job submit``), otherwise starts an embedded local Ray. Rerunning the same command
 resumes: committed shards are skipped, the rest redone.
 
-Exit status: 0 every shard committed; 1 some shards failed, or SA-1B input shards were
-damaged (see the summary); 2 a usage or input error (one message naming the input);
-130 interrupted (Ctrl-C: committed shards stay, a rerun resumes).
+Exit status: 0 every shard committed; 1 some shards failed, SA-1B input shards were
+damaged, or the generator failed on images in every attempt (see the summary); 2 a usage
+or input error, or no worker could start (one message naming the cause); 130 interrupted
+(Ctrl-C: committed shards stay, a rerun resumes).
 """
 
 from __future__ import annotations
