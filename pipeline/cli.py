@@ -1,8 +1,8 @@
 """``sa1b-decode``: inspect, index, extract, convert, show, validate and download SA-1B.
 
 Exit status: 0 all good; 1 the data has problems (damaged shard, invalid record, md5
-mismatch, failed download); 2 the command could not run (bad flag, missing input, not a
-shard). Results go to stdout, diagnostics to stderr through logging.
+mismatch, failed download) or storage/network failed; 2 the command could not run (bad
+flag, missing or unreadable input, not a shard). Results go to stdout, diagnostics to stderr through logging.
 """
 
 from __future__ import annotations
@@ -581,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read SA-1B shards (gzip tars, local, s3:// or https://) without "
         "untarring them: inspect, index to Parquet, extract, convert to COCO, "
         "draw, validate and download.",
-        epilog="Exit status: 0 ok, 1 problems found in the data, 2 bad usage or input.",
+        epilog="Exit status: 0 ok, 1 problems in the data or a storage failure, 2 bad usage "
+        "or input.",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
