@@ -225,6 +225,8 @@ def read_index(out: str, table: str = "annotations", **kwargs: Any) -> Any:
 
     if table not in INDEX_TABLES:
         raise ValueError(f"table must be one of {', '.join(INDEX_TABLES)}, got {table!r}")
+    if load_manifest(out) is None:  # a typo must not look like an empty result
+        raise FileNotFoundError(f"{redact(out)}: no generation run here (no {RUN_DIR}/manifest.json)")
     shards = sorted(committed_shards(out))
     fs, root = url_to_fs(join(out, "index", table))
     paths = [f"{root.rstrip('/')}/{s}.parquet" for s in shards]

@@ -682,6 +682,8 @@ class ShardReader:
     >>> reader.report.complete
 
     ``load_images=False`` skips JPEG payloads (records carry only their location).
+    ``images=False`` reads shards that hold only the per-image JSON (as written with
+    ``--no-copy-images``): every JSON member is a record, JPEG members are ignored.
     ``on_error="raise"`` re-raises the first corruption instead of reporting it.
     A member larger than ``max_member_bytes`` is not read (it is reported in
     :attr:`ShardReport.skipped`, its partner as unpaired), and so is the second copy of a
@@ -699,6 +701,7 @@ class ShardReader:
         backend: str = "auto",
         md5: bool = False,
         on_error: str = "report",
+        images: bool = True,
     ):
         if on_error not in ("report", "raise"):
             raise ValueError("on_error must be 'report' or 'raise'")
@@ -711,6 +714,8 @@ class ShardReader:
         self.backend = backend
         self.md5 = md5
         self.on_error = on_error
+        self.images = images
+        self.load_images = load_images and images
         self.report = ShardReport(url=redact(url))
         self.spilled_bytes = 0
 
@@ -746,6 +751,15 @@ class ShardReader:
                     log.warning("%s: duplicate member %s skipped", rep.url, m.name)
                     continue
                 seen.add((image_id, kind))
+                if not self.images:  # JSON-only shards: each JSON is a whole record
+                    if kind == "json":
+                        rep.images += 1
+                        yield SA1BRecord(
+                            image_id=image_id, json_bytes=m.data or b"", jpeg_bytes=None,
+                            shard=self.shard, jpg_offset=None, jpg_size=None,
+                            json_offset=m.offset, json_size=m.size,
+                        )  # fmt: skip
+                    continue
                 other = pending.pop((image_id, "json" if kind == "jpg" else "jpg"))
                 if other is None:
                     pending.put((image_id, kind), m)

@@ -31,7 +31,7 @@ from torchvision.ops import batched_nms
 from . import amg_ops as ops
 from . import runtime
 from .model import Sam
-from .predictor import SamPredictor, as_rgb_uint8
+from .predictor import PRECISIONS, SamPredictor, as_rgb_uint8
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ def check_generator_args(settings: Mapping[str, Any]) -> None:
         raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {a['output_mode']!r}")
     if a["points_per_batch"] < 1:
         raise ValueError("points_per_batch must be at least 1")
+    if a["precision"] not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {a['precision']!r}")
     for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
                  "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):  # fmt: skip
         if not math.isfinite(a[name]):  # NaN would silently switch a filter off

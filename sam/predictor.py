@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
+PRECISIONS = tuple(_DTYPES)
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:

@@ -174,6 +174,9 @@ def test_read_index_reads_committed_shards_only(tmp_path):
     from pipeline.manifest import write_marker
 
     out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match="no generation run here"):
+        read_index(str(out), "images")
+    write_manifest(str(out), _manifest())
     assert read_index(str(out), "images").empty
     for shard, ids in (("sa_000000", [1, 2]), ("sa_000001", [3])):
         d = out / "index" / "annotations"

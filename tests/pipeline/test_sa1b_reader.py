@@ -168,6 +168,18 @@ def test_md5_of_the_raw_file(small_shard):
     assert rep.md5 == hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def test_json_only_shards_read_with_images_false(tmp_path):
+    """Shards written without images (--no-copy-images): every JSON is a record."""
+    members, records = members_of(3)
+    path = write_members(tmp_path / "sa_000003.tar", [m for m in members if m[0].endswith(".json")])
+    got, rep = _read(path, images=False)
+    assert sorted(got) == sorted(records) and rep.ok
+    assert all(got[i].data == records[i][1] and got[i].jpeg_bytes is None for i in got)
+    np.testing.assert_array_equal(got[1].mask(0), rle.decode(records[1][1]["annotations"][0]["segmentation"]))
+    got, rep = _read(path)  # the default wants SA-1B's pairs
+    assert got == {} and len(rep.unpaired) == 3 and not rep.ok
+
+
 def test_missing_partner_is_reported_unpaired(tmp_path):
     members, _ = members_of(3)
     del members[2]  # sa_2.jpg

@@ -229,6 +229,7 @@ def test_bad_arguments(models):
         ({"pred_iou_thresh": float("nan")}, "pred_iou_thresh must be a finite number"),
         ({"stability_score_thresh": float("nan")}, "stability_score_thresh must be a finite"),
         ({"box_nms_thresh": float("inf")}, "box_nms_thresh must be a finite number"),
+        ({"precision": "bf17"}, "precision must be one of fp32, float32, bf16"),
         ({"crop_n_layers": 3, "crop_n_points_downscale_factor": 4}, "crop layer 3 would have no"),
         ({"crop_overlap_ratio": 1.0}, r"crop_overlap_ratio must be in \[0, 1\)"),
         ({"crop_overlap_ratio": -0.1}, "crop_overlap_ratio"),
