@@ -2,7 +2,8 @@
 
 Exit status: 0 all good; 1 the data has problems (damaged shard, invalid record, md5
 mismatch, failed download) or storage/network failed; 2 the command could not run (bad
-flag, missing or unreadable input, not a shard). Results go to stdout, diagnostics to stderr through logging.
+flag, missing or unreadable input, not a shard). Results go to stdout, diagnostics to
+stderr through logging.
 """
 
 from __future__ import annotations

@@ -455,7 +455,7 @@ def worker_env(cfg: GenerateConfig) -> dict[str, str]:
                 value = None
             if isinstance(value, dict):
                 v = json.dumps(_without_secrets(value))
-        env[k] = scrub(v)
+        env[k] = scrub(v)  # URL credentials anywhere in the value, JSON included
     env.update(cfg.worker_env)
     return env
 
@@ -472,20 +472,10 @@ def _secret_name(name: str) -> bool:
 def _without_secrets(options: dict) -> dict:
     """``options`` (nested dicts) without the entries whose name looks like a secret."""
     return {
-        k: _without_secrets(v) if isinstance(v, dict) else _scrub_value(v)
+        k: _without_secrets(v) if isinstance(v, dict) else v
         for k, v in options.items()
         if not _secret_name(str(k))
     }
-
-
-def _scrub_value(v: Any) -> Any:
-    """A setting without the secrets a URL in it may carry (``user:password@``, a
-    signed query string)."""
-    if isinstance(v, str):
-        return scrub(v)
-    if isinstance(v, list):
-        return [_without_secrets(x) if isinstance(x, dict) else _scrub_value(x) for x in v]
-    return v
 
 
 def _connect(cfg: GenerateConfig) -> bool:
@@ -789,7 +779,7 @@ def _dispatch(
     t0 = time.perf_counter()
     started: set[tuple[str, int]] = set()
     order: dict[tuple[str, int], int] = {}
-    shown_images = shown_masks = 0
+    shown_masks = 0
 
     def submit(slot: _Slot, shard: ShardSpec) -> None:
         attempts[shard.name] = attempts.get(shard.name, 0) + 1
@@ -829,11 +819,10 @@ def _dispatch(
     def take_progress() -> None:
         """Images and masks reported by the workers since the last call (progress only:
         an attempt that dies later has counted too), and the attempts that started."""
-        nonlocal shown_images, shown_masks
+        nonlocal shown_masks
         with contextlib.suppress(Exception):
             di, dm, keys = ray.get(counter.take.remote(), timeout=10)
             started.update(keys)
-            shown_images += di
             shown_masks += dm
             ibar.update(di)
 

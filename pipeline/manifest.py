@@ -234,10 +234,8 @@ def read_index(out: str, table: str = "annotations", **kwargs: Any) -> Any:
         from pipeline.actors import STATUS_SCHEMA
         from schemas import ANNOTATIONS_SCHEMA, IMAGES_SCHEMA
 
-        schema = {"images": IMAGES_SCHEMA, "annotations": ANNOTATIONS_SCHEMA}.get(
-            table, STATUS_SCHEMA
-        )
-        return schema.empty_table().to_pandas()
+        schemas = {"images": IMAGES_SCHEMA, "annotations": ANNOTATIONS_SCHEMA, "status": STATUS_SCHEMA}
+        return schemas[table].empty_table().to_pandas()
     return pq.read_table(paths, filesystem=fs, **kwargs).to_pandas()
 
 

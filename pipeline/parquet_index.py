@@ -311,7 +311,7 @@ def index_shard(
     sidx = SeekIndex(basename(url), rep.compression, 0, 0, spacing) if seek_index else None
     jpgs: dict[int, tuple[int, int]] = {}
     jsons: set[int] = set()  # indexed records
-    seen: set[int] = set()  # every json member, good or bad
+    seen: set[tuple[int, str]] = set()  # (image id, "jpg"/"json") of every member read
 
     def want(name: str) -> bool:
         p = parse_member_name(name)
@@ -327,14 +327,14 @@ def index_shard(
                 rep.skipped.append((m.name, "not an sa_<id>.jpg/.json member"))
                 continue
             image_id, kind = p
-            if (kind == "jpg" and image_id in jpgs) or (kind == "json" and image_id in seen):
+            if (image_id, kind) in seen:
                 rep.bad_records.append((m.name, "duplicate member (the first one is indexed)"))
                 log.warning("%s: skipping duplicate member %s", rep.url, m.name)
                 continue
+            seen.add((image_id, kind))
             if kind == "jpg":
                 jpgs[image_id] = (m.offset, m.size)
                 continue
-            seen.add(image_id)
             try:
                 record = json.loads(m.data or b"")
                 if int(record["image"]["image_id"]) != image_id:

@@ -101,7 +101,7 @@ class ShardSpec:
 # query parameters of signed links (S3, GCS, CloudFront, Azure SAS, the SA-1B CDN) and of
 # credentials: secrets or expiry, not the identity of the file
 _SIGNING = re.compile(
-    r"x-amz-.*|x-goog-.*|signature|expires|key-pair-id|policy|oh|oe|_nc_.*|ccb|token|"
+    r"x-amz-.*|x-goog-.*|signature|expires|key-pair-id|policy|oh|oe|_nc_.*|ccb|"
     r"sig|se|sp|sv|sr|st|ss|srt|spr|skoid|sktid|skt|ske|sks|skv|"
     r".*key|.*secret.*|.*token.*|.*passw.*|.*credential.*|auth.*",
     re.IGNORECASE,

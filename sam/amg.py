@@ -83,7 +83,8 @@ def check_generator_args(settings: Mapping[str, Any]) -> None:
     (missing ones take the generator's defaults). No model is needed: a job checks its
     settings before it records them or starts any worker."""
     a = {**generator_defaults(), **settings}
-    per_side, layers, factor = a["points_per_side"], a["crop_n_layers"], a["crop_n_points_downscale_factor"]
+    per_side, layers = a["points_per_side"], a["crop_n_layers"]
+    factor = a["crop_n_points_downscale_factor"]
     if (per_side is None) == (a["point_grids"] is None):
         raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
     if a["output_mode"] not in OUTPUT_MODES:
@@ -91,7 +92,9 @@ def check_generator_args(settings: Mapping[str, Any]) -> None:
     if a["points_per_batch"] < 1:
         raise ValueError("points_per_batch must be at least 1")
     if a["precision"] not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {a['precision']!r}")
+        raise ValueError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {a['precision']!r}"
+        )
     for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
                  "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):  # fmt: skip
         if not math.isfinite(a[name]):  # NaN would silently switch a filter off

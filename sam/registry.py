@@ -56,9 +56,10 @@ def build_sam(
     (``tiny``); other models are left randomly initialised, as the reference does.
     Nothing is ever downloaded implicitly.
     """
+    official, looked_up = None, False  # recognising reads an official file's md5: once
     if checkpoint is None and _is_checkpoint_path(model):
         # an official file names its model; anything else is vit_h, as for the reference
-        official = recognise_official(os.fspath(model))  # type: ignore[arg-type]
+        official, looked_up = recognise_official(os.fspath(model)), True  # type: ignore[arg-type]
         model, checkpoint = (official.model if official else "vit_h"), model  # type: ignore[assignment]
     cfg = model_config(model) if isinstance(model, str) else validate_config(model)
     if checkpoint is None:
@@ -71,7 +72,8 @@ def build_sam(
     sd = None
     if checkpoint is not None:  # read and checked before the model is built: fails fast
         url = os.fspath(checkpoint)
-        official = recognise_official(url)
+        if not looked_up:
+            official = recognise_official(url)
         if official is not None and official.model != cfg["name"]:
             raise CheckpointError(
                 f"checkpoint {display_url(url)}: is the official {official.filename} ({official.model}), "
@@ -82,7 +84,7 @@ def build_sam(
     net = build_sam_from_config(cfg)
     if sd is not None:
         net.load_state_dict(sd, strict=True)
-        log.info("loaded %s weights from %s", cfg["name"], display_url(os.fspath(checkpoint)))
+        log.info("loaded %s weights from %s", cfg["name"], display_url(url))
     if device is not None:
         net = net.to(device)
     return net.eval()

@@ -137,7 +137,12 @@ def test_a_file_matching_an_official_size_and_md5_is_recognised(tmp_path, monkey
 
     small = {**sc._COMMON, **{k: v for k, v in SMALL_CONFIG.items() if k != "name"}}
     monkeypatch.setitem(sc._CONFIGS, "small", small)
+    import sam.registry as reg
+
+    calls = []
+    monkeypatch.setattr(reg, "recognise_official", lambda u: calls.append(u) or fake)
     assert build_sam(str(path)).image_encoder.patch_embed.proj.out_channels == 64
+    assert calls == [str(path)]  # the md5 of an official file is read once
 
 
 def test_official_size_with_wrong_hash_is_corrupt(tmp_path):
