@@ -100,6 +100,7 @@ class ShardTask:
     name: str
     items: tuple[tuple[int, str], ...] = ()
     source: str | None = None  # an input SA-1B shard (re-annotation)
+    source_name: str | None = None  # its file name where the URI is opaque (SA-1B links)
     attempt: int = 1
     # the driver's last attempt at this shard: images the generator fails on are then
     # committed as failed (recorded per image) instead of failing the shard once more
@@ -589,10 +590,11 @@ class ShardProcessor:
         from pipeline.sa1b_reader import ShardReader
 
         reader = ShardReader(task.source, load_images=True)
+        shown = task.source_name or redact(task.source)
 
         def calls_of_shard() -> Iterator[Callable[[], _Loaded]]:
             for rec in _background(reader, cfg.prefetch):
-                uri = f"{redact(task.source)}#sa_{rec.image_id}.jpg"
+                uri = f"{shown}#sa_{rec.image_id}.jpg"
                 yield lambda rec=rec, uri=uri: load_image(
                     rec.image_id, uri, rec.jpeg_bytes or b"", **opts
                 )
@@ -602,7 +604,7 @@ class ShardProcessor:
         if not rep.complete and rep.read_failure:
             # the shard could not be read to its end (network, storage): not a property of
             # the input, so nothing is committed and the driver runs the shard again
-            raise OSError(f"{redact(task.source)}: reading failed: {rep.error}")
+            raise OSError(f"{shown}: reading failed: {rep.error}")
         if not rep.complete:
             report["input_error"] = rep.error or "incomplete"
         elif rep.unpaired:
@@ -688,6 +690,7 @@ class ShardProcessor:
             "run_id": cfg.run_id,
             "layout": cfg.layout,
             "source": redact(task.source) if task.source else None,
+            "source_name": task.source_name,
             "images_planned": None if task.source else len(task.items),
             "images_ok": out.images_ok,
             "images_failed": len(out.failures),

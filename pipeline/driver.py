@@ -788,6 +788,7 @@ def _dispatch(
             name=shard.name,
             items=tuple((it.image_id, it.uri) for it in shard.items),
             source=shard.source,
+            source_name=shard.source_name,
             attempt=attempts[shard.name],
             final=attempts[shard.name] >= cfg.max_attempts,
         )

@@ -9,7 +9,12 @@ An input is one of
   relative entries are resolved against the list file's folder;
 - existing SA-1B shards (``sa_NNNNNN.tar``: a folder of them, one shard, or a list file of
   them): re-annotation, where the input shard id becomes the output shard id and images
-  keep their ids.
+  keep their ids;
+- an ``SA-1B_links.txt`` file (TSV, header ``file_name<TAB>cdn_link``): re-annotation of
+  the listed shards streamed from their links. A link's path is an opaque signed token,
+  so the shard id comes from ``file_name`` and so does the shard's identity in the plan:
+  a refreshed links file (the links expire after about a month) resumes the same run.
+  Its other rows (``sa_images_ids.txt``, ...) are skipped.
 
 Images get ids ``first_image_id, first_image_id + 1, ...`` in plan order (SA-1B ids start at
 1 and are not zero-padded) unless the list file carries them; consecutive runs of
@@ -24,6 +29,7 @@ import contextlib
 import csv
 import hashlib
 import io
+import logging
 import os
 import posixpath
 import re
@@ -35,6 +41,8 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from pipeline.io import atomic_write, basename, describe, open_url, redact, scrub
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -58,8 +66,11 @@ _PLAN_SCHEMA = pa.schema(
         pa.field("shard_id", pa.int64(), nullable=False),
         pa.field("image_id", pa.int64()),  # null for SA-1B input shards (ids come from the tar)
         pa.field("uri", pa.string(), nullable=False),
+        # an input shard's file name where its URI is not its identity (SA-1B links)
+        pa.field("source_name", pa.string()),
     ]
 )
+LINKS_HEADER = ("file_name", "cdn_link")
 
 
 class InputError(ValueError):
@@ -82,12 +93,15 @@ class ShardSpec:
     """One unit of work and of commit.
 
     ``items`` lists the images of an image shard; ``source`` is the input SA-1B shard of a
-    re-annotation shard (its images are known only once it is read).
+    re-annotation shard (its images are known only once it is read). ``source_name``
+    stands for ``source`` in the plan's identity when the URI changes but the shard does
+    not (an SA-1B link: its ``file_name``).
     """
 
     shard_id: int
     items: tuple[ImageItem, ...] = ()
     source: str | None = None
+    source_name: str | None = None
 
     @property
     def name(self) -> str:
@@ -140,22 +154,24 @@ class ShardPlan:
                 return s
         raise KeyError(name)
 
-    def _rows(self) -> Iterable[tuple[int, int | None, str]]:
-        """``(shard id, image id, uri)``; an http(s) URI without its signing parameters:
-        they are secrets, and a refreshed signature (SA-1B's links expire) is the same
-        input, so they are neither recorded nor part of the fingerprint."""
+    def _rows(self) -> Iterable[tuple[int, int | None, str, str | None]]:
+        """``(shard id, image id, uri, source name)``; an http(s) URI without its signing
+        parameters: they are secrets, and a refreshed signature (SA-1B's links expire) is
+        the same input, so they are neither recorded nor part of the fingerprint."""
         for s in self.shards:
             if s.source is not None:
-                yield s.shard_id, None, _stable_uri(s.source)
+                yield s.shard_id, None, _stable_uri(s.source), s.source_name
             else:
                 for it in s.items:
-                    yield s.shard_id, it.image_id, _stable_uri(it.uri)
+                    yield s.shard_id, it.image_id, _stable_uri(it.uri), None
 
     def fingerprint(self) -> str:
-        """sha256 of the plan's content (kind, shard ids, image ids, URIs)."""
+        """sha256 of the plan's content (kind, shard ids, image ids, URIs or, where given,
+        input shard names)."""
         h = hashlib.sha256(f"sa1b-engine plan v1\n{self.kind}\n".encode())
-        for sid, iid, uri in self._rows():
-            h.update(f"{sid}\t{'' if iid is None else iid}\t{uri}\n".encode())
+        for sid, iid, uri, name in self._rows():
+            ident = uri if name is None else f"name:{name}"
+            h.update(f"{sid}\t{'' if iid is None else iid}\t{ident}\n".encode())
         return h.hexdigest()
 
     def summary(self) -> dict:
@@ -168,16 +184,18 @@ class ShardPlan:
         }
 
     def to_table(self) -> pa.Table:
-        sids, iids, uris = [], [], []
-        for sid, iid, uri in self._rows():
+        sids, iids, uris, names = [], [], [], []
+        for sid, iid, uri, name in self._rows():
             sids.append(sid)
             iids.append(iid)
             uris.append(uri)
+            names.append(name)
         meta = {b"sa1b_engine.plan_kind": self.kind.encode()}
         if self.shard_size is not None:
             meta[b"sa1b_engine.shard_size"] = str(self.shard_size).encode()
         table = pa.Table.from_pydict(
-            {"shard_id": sids, "image_id": iids, "uri": uris}, schema=_PLAN_SCHEMA
+            {"shard_id": sids, "image_id": iids, "uri": uris, "source_name": names},
+            schema=_PLAN_SCHEMA,
         )
         return table.replace_schema_metadata(meta)
 
@@ -187,15 +205,16 @@ class ShardPlan:
         kind = meta.get(b"sa1b_engine.plan_kind", b"images").decode()
         size = meta.get(b"sa1b_engine.shard_size")
         d = table.to_pydict()
+        names = d.get("source_name") or [None] * table.num_rows  # (plans of older versions)
         shards: dict[int, list] = {}
-        for sid, iid, uri in zip(d["shard_id"], d["image_id"], d["uri"]):
-            shards.setdefault(sid, []).append((iid, uri))
+        for sid, iid, uri, name in zip(d["shard_id"], d["image_id"], d["uri"], names):
+            shards.setdefault(sid, []).append((iid, uri, name))
         specs = []
         for sid, rows in shards.items():
             if kind == "sa1b":
-                specs.append(ShardSpec(sid, source=rows[0][1]))
+                specs.append(ShardSpec(sid, source=rows[0][1], source_name=rows[0][2]))
             else:
-                specs.append(ShardSpec(sid, tuple(ImageItem(i, u) for i, u in rows)))
+                specs.append(ShardSpec(sid, tuple(ImageItem(i, u) for i, u, _ in rows)))
         return cls(kind, specs, int(size) if size else None)
 
     def save(self, url: str) -> None:
@@ -313,8 +332,44 @@ def _text(data: bytes, url: str) -> str:
         ) from None
 
 
+def _links_rows(text: str, url: str) -> list[tuple[str, str]] | None:
+    """``[(file_name, link), ...]`` of the shard rows of an SA-1B links file, or ``None``
+    when ``text`` is not one (its first line is not ``file_name<TAB>cdn_link``)."""
+    lines = text.splitlines()
+    first = next((ln for ln in lines if ln.strip()), "")
+    if tuple(c.strip() for c in first.split("\t")) != LINKS_HEADER:
+        return None
+    rows, skipped = [], []
+    for n, line in enumerate(lines[lines.index(first) + 1 :], start=lines.index(first) + 2):
+        if not line.strip():
+            continue
+        parts = [c.strip() for c in line.split("\t")]
+        if len(parts) != 2 or not all(parts) or "://" not in parts[1]:
+            raise InputError(
+                f"input {redact(url)}: line {n}: expected file_name<TAB>cdn_link (an SA-1B "
+                "links file)"
+            )
+        if _SHARD_RE.match(parts[0]):
+            rows.append((parts[0], parts[1]))
+        else:
+            skipped.append(parts[0])
+    if skipped:
+        log.info("%s: skipping %d rows that are not shards (%s)", redact(url), len(skipped),
+                 ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""))  # fmt: skip
+    if not rows:
+        raise InputError(f"input {redact(url)}: an SA-1B links file without sa_NNNNNN.tar rows")
+    return rows
+
+
 def read_list_file(url: str) -> list[tuple[str, int | None]]:
-    """``[(uri, image_id or None), ...]`` from a txt/csv/tsv/parquet list file."""
+    """``[(uri, image_id or None), ...]`` from a txt/csv/tsv/parquet list file (for an
+    SA-1B links file: its shards' links)."""
+    return _read_entries(url)[0]
+
+
+def _read_entries(url: str) -> tuple[list[tuple[str, int | None]], list[str] | None]:
+    """``(entries, names)``: ``names`` are the shards' file names when ``url`` is an SA-1B
+    links file, else ``None``."""
     lower = redact(url).lower()
     base = posixpath.dirname(url) if "://" in url else os.path.dirname(os.path.abspath(url))
     try:
@@ -336,6 +391,8 @@ def read_list_file(url: str) -> list[tuple[str, int | None]]:
         if ids is not None:
             ids = [_parquet_id(i, n, url) for n, i in enumerate(ids)]
         entries = list(zip(uris, ids or [None] * len(uris)))
+    elif (links := _links_rows(_text(data, url), url)) is not None:
+        return [(link, None) for _, link in links], [name for name, _ in links]
     elif lower.endswith((".csv", ".tsv")):
         text = _text(data, url)
         reader = csv.DictReader(
@@ -363,26 +420,27 @@ def read_list_file(url: str) -> list[tuple[str, int | None]]:
             for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#")
         ]
-    return [(_resolve(u, base), i) for u, i in entries]
+    return [(_resolve(u, base), i) for u, i in entries], None
 
 
 # ----------------------------------------------------------------------------- planning
 
 
-def _sa1b_plan(uris: Sequence[str], origin: str) -> ShardPlan:
-    shards: dict[int, str] = {}
-    for u in uris:
-        m = _SHARD_RE.match(basename(u))
+def _sa1b_plan(uris: Sequence[str], origin: str, names: Sequence[str] | None = None) -> ShardPlan:
+    """Re-annotation of the shards ``uris``; their ids come from their names (``names``
+    where given: the file names of a links file, whose links are opaque)."""
+    shards: dict[int, tuple[str, str | None]] = {}
+    for n, u in enumerate(uris):
+        shown = redact(u) if names is None else names[n]
+        m = _SHARD_RE.match(basename(u) if names is None else names[n])
         if m is None:
-            raise InputError(f"input {redact(origin)}: {redact(u)} is not named sa_NNNNNN.tar")
+            raise InputError(f"input {redact(origin)}: {shown} is not named sa_NNNNNN.tar")
         sid = int(m.group(1))
         if sid in shards:
-            raise InputError(
-                f"input {redact(origin)}: shard id {sid} appears twice "
-                f"({redact(shards[sid])}, {redact(u)})"
-            )
-        shards[sid] = u
-    return ShardPlan("sa1b", [ShardSpec(sid, source=shards[sid]) for sid in sorted(shards)])
+            raise InputError(f"input {redact(origin)}: shard id {sid} appears twice ({shown})")
+        shards[sid] = (u, None if names is None else names[n])
+    specs = [ShardSpec(sid, (), *shards[sid]) for sid in sorted(shards)]
+    return ShardPlan("sa1b", specs)
 
 
 def _image_plan(
@@ -446,20 +504,23 @@ def build_plan(
         entries: list[tuple[str, int | None]] = [(u, None) for u in images]
         return _image_plan(entries, shard_size, first_image_id, first_shard_id, input_url)
     # a single file: an SA-1B shard, an image or a list file
-    if input_kind == "sa1b" or (input_kind == "auto" and _is_shard(input_url)):
+    is_list = redact(input_url).lower().endswith(LIST_EXTENSIONS)
+    if (input_kind == "sa1b" and not is_list) or (input_kind == "auto" and _is_shard(input_url)):
         return _sa1b_plan([input_url], input_url)
     if input_kind == "images" or (input_kind == "auto" and _is_image(input_url)):
         return _image_plan(
             [(input_url, None)], shard_size, first_image_id, first_shard_id, input_url
         )
-    if input_kind == "auto" and not redact(input_url).lower().endswith(LIST_EXTENSIONS):
+    if input_kind == "auto" and not is_list:
         raise InputError(
             f"input {redact(input_url)}: not a folder, image, SA-1B shard or list file "
             f"({', '.join(LIST_EXTENSIONS)})"
         )
-    entries = read_list_file(input_url)
+    entries, names = _read_entries(input_url)
+    if names is not None:
+        return _sa1b_plan([u for u, _ in entries], input_url, names)
     if not entries:
         raise InputError(f"input {redact(input_url)}: the list is empty")
-    if all(_is_shard(u) for u, _ in entries):
+    if input_kind == "sa1b" or all(_is_shard(u) for u, _ in entries):
         return _sa1b_plan([u for u, _ in entries], input_url)
     return _image_plan(entries, shard_size, first_image_id, first_shard_id, input_url)

@@ -139,6 +139,33 @@ def test_reannotation_keeps_shard_and_image_ids(tmp_path, model_files):
     assert recs[77]["annotations"][0]["id"] == 77 * ANNOTATION_ID_STRIDE
 
 
+def test_reannotation_streams_a_shard_from_an_sa1b_links_file(tmp_path, model_files, http_server):
+    """A links file's shard is read from its signed link (an opaque path, as SA-1B's CDN
+    gives), named by its file_name, and the signature is written nowhere."""
+    from pipeline.plan import build_plan
+    from pipeline.sa1b_writer import ShardWriter
+
+    base, www, _ = http_server
+    with ShardWriter(str(www / "An8MNcSV8eixKBYJ2.tar")) as w:
+        for i in (5, 6):
+            w.add(i, image_bytes(i), {"image": {"image_id": i}, "annotations": []})
+    links = tmp_path / "SA-1B_links.txt"
+    links.write_text(
+        "file_name\tcdn_link\n"
+        f"sa_000009.tar\t{base}/An8MNcSV8eixKBYJ2.tar?ccb=10-5&oh=SECRET&oe=1\n"
+    )
+    (spec,) = build_plan(str(links)).shards
+    out = tmp_path / "out"
+    marker = ShardProcessor(_config(out, model_files)).process(
+        ShardTask(spec.shard_id, spec.name, source=spec.source, source_name=spec.source_name)
+    )
+    assert marker["images_ok"] == 2 and marker["input_error"] is None
+    assert marker["source_name"] == "sa_000009.tar" and "SECRET" not in json.dumps(marker)
+    recs = tar_records(out / "sa_000009.tar")
+    assert sorted(recs) == [5, 6] and all(r["annotations"] for r in recs.values())
+    assert not [p for p in out.rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()]
+
+
 def test_truncated_input_shard_keeps_what_was_read(tmp_path, model_files):
     from pipeline.sa1b_writer import ShardWriter
 

@@ -151,6 +151,96 @@ def test_sa1b_list_with_duplicate_shard_ids_is_refused(tmp_path):
         build_plan(str(lst))
 
 
+def _links_file(path, token, sig, extra=""):
+    """An SA-1B links file: opaque signed CDN paths, rows unsorted, non-shard rows."""
+    rows = [
+        ("sa_000020.tar", f"https://cdn.example/m1/v/{token}A.tar?ccb=10-5&oh={sig}&oe=1&_nc_sid=0"),
+        ("sa_images_ids.txt", f"https://cdn.example/m1/v/{token}I.txt?oh={sig}&oe=1"),
+        ("sa_000003.tar", f"https://cdn.example/m1/v/{token}B.tar?ccb=10-5&oh={sig}&oe=1&_nc_sid=0"),
+    ]
+    text = "file_name\tcdn_link\n" + "".join(f"{n}\t{u}\n" for n, u in rows) + extra
+    path.write_text(text)
+    return str(path)
+
+
+def test_sa1b_links_file_is_a_reannotation_plan_keyed_by_file_name(tmp_path):
+    """A links file's paths are signed tokens that change when the links are refreshed:
+    shard ids and the plan's identity come from file_name, the links are the sources."""
+    old = build_plan(_links_file(tmp_path / "SA-1B_links.txt", "TOKEN1", "SIG1"))
+    assert old.kind == "sa1b"
+    assert [(s.name, s.source_name) for s in old.shards] == [
+        ("sa_000003", "sa_000003.tar"),
+        ("sa_000020", "sa_000020.tar"),
+    ]
+    assert old.shards[0].source.startswith("https://cdn.example/m1/v/TOKEN1B.tar?")
+    assert "oh=SIG1" in old.shards[0].source  # the worker needs the signed link
+    # refreshed links (new tokens, new signatures): the same run
+    new = build_plan(_links_file(tmp_path / "refreshed.txt", "TOKEN2", "SIG2"))
+    assert new.fingerprint() == old.fingerprint()
+    assert new.shards[1].source.startswith("https://cdn.example/m1/v/TOKEN2A.tar?")
+    # a different selection of shards is a different run
+    fewer = tmp_path / "fewer.txt"
+    fewer.write_text("\n".join((tmp_path / "refreshed.txt").read_text().splitlines()[:2]) + "\n")
+    assert [s.shard_id for s in build_plan(str(fewer)).shards] == [20]
+    assert build_plan(str(fewer)).fingerprint() != old.fingerprint()
+    # recorded without signatures; read back with the same identity
+    url = str(tmp_path / "plan.parquet")
+    old.save(url)
+    assert b"SIG1" not in (tmp_path / "plan.parquet").read_bytes()
+    back = ShardPlan.load(url)
+    assert back.fingerprint() == old.fingerprint()
+    assert [s.source_name for s in back.shards] == ["sa_000003.tar", "sa_000020.tar"]
+    # --input-kind sa1b and list read it the same way
+    for kind in ("sa1b", "list"):
+        same = build_plan(str(tmp_path / "SA-1B_links.txt"), input_kind=kind)
+        assert same.fingerprint() == old.fingerprint()
+
+
+def test_plans_without_source_names_keep_their_fingerprint(tmp_path):
+    """Outputs of earlier versions resume: a plan without source names hashes its URIs
+    exactly as before (expected value computed here independently)."""
+    import hashlib
+
+    root = tmp_path / "shards"
+    _touch(root / "sa_000007.tar")
+    plan = build_plan(str(root))
+    text = f"sa1b-engine plan v1\nsa1b\n7\t\t{root / 'sa_000007.tar'}\n"
+    assert plan.fingerprint() == hashlib.sha256(text.encode()).hexdigest()
+    table = plan.to_table().drop(["source_name"])  # a plan.parquet of an earlier version
+    assert ShardPlan.from_table(table).fingerprint() == plan.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("sa_000021.tar\n", "line 5: expected file_name<TAB>cdn_link"),
+        ("sa_000021.tar\tnot-a-link\n", "line 5: expected file_name<TAB>cdn_link"),
+        ("sa_000020.tar\thttps://cdn.example/again.tar\n", r"shard id 20 appears twice \(sa_000020.tar\)"),
+    ],
+)
+def test_malformed_links_files_name_the_line(tmp_path, extra, message):
+    url = _links_file(tmp_path / "SA-1B_links.txt", "T", "S", extra)
+    with pytest.raises(InputError, match=message) as e:
+        build_plan(url)
+    assert "SA-1B_links.txt" in str(e.value) and "oh=S" not in str(e.value)
+
+
+def test_links_file_without_shards_is_refused(tmp_path):
+    lst = tmp_path / "SA-1B_links.txt"
+    lst.write_text("file_name\tcdn_link\nsa_images_ids.txt\thttps://cdn.example/x.txt?oh=S\n")
+    with pytest.raises(InputError, match="without sa_NNNNNN.tar rows"):
+        build_plan(str(lst))
+
+
+def test_sa1b_kind_reads_a_list_of_shards_with_other_names(tmp_path):
+    lst = tmp_path / "shards.txt"
+    lst.write_text("a/sa_000001.tar\n")
+    assert [s.shard_id for s in build_plan(str(lst), input_kind="sa1b").shards] == [1]
+    lst.write_text("a/sa_000001.tar\nb/renamed.tar\n")
+    with pytest.raises(InputError, match="renamed.tar is not named sa_NNNNNN.tar"):
+        build_plan(str(lst), input_kind="sa1b")
+
+
 def _parquet(path, uris, ids):
     import pyarrow as pa
     import pyarrow.parquet as pq
