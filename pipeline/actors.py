@@ -514,6 +514,7 @@ class _Progress:
 
     def __init__(self, counter: Any, shard: str, attempt: int, every: float = 0.5):
         self.counter = counter
+        self.key = (shard, attempt)
         self.every = every
         self.images = self.masks = 0
         self.t = time.monotonic()
@@ -528,7 +529,7 @@ class _Progress:
 
     def flush(self) -> None:
         if self.counter is not None and (self.images or self.masks):
-            self.counter.add.remote(self.images, self.masks)
+            self.counter.add.remote(*self.key, self.images, self.masks)
         self.images = self.masks = 0
         self.t = time.monotonic()
 
@@ -757,23 +758,25 @@ class ShardWorker:
 
 
 class ProgressCounter:
-    """Ray actor collecting progress notes from workers (images, masks, started shards)."""
+    """Ray actor collecting progress notes from workers: images and masks per shard
+    attempt, and the attempts that started."""
 
     def __init__(self) -> None:
-        self.images = self.masks = 0
+        self.counts: dict[tuple[str, int], list[int]] = {}
         self.started_keys: set[tuple[str, int]] = set()
 
     def started(self, shard: str, attempt: int) -> None:
         self.started_keys.add((shard, attempt))
 
-    def add(self, images: int, masks: int) -> None:
-        self.images += images
-        self.masks += masks
+    def add(self, shard: str, attempt: int, images: int, masks: int) -> None:
+        c = self.counts.setdefault((shard, attempt), [0, 0])
+        c[0] += images
+        c[1] += masks
 
-    def take(self) -> tuple[int, int, list[tuple[str, int]]]:
-        out = (self.images, self.masks, sorted(self.started_keys))
-        self.images = self.masks = 0
-        return out
+    def take(self) -> tuple[dict[tuple[str, int], list[int]], list[tuple[str, int]]]:
+        """``({(shard, attempt): [images, masks]} since the last call, started attempts)``."""
+        out, self.counts = self.counts, {}
+        return out, sorted(self.started_keys)
 
 
 _ACTOR_CLASSES: dict[str, Any] = {}

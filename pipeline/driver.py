@@ -656,6 +656,40 @@ def _bars(cfg: GenerateConfig, shards: int, images: int | None):
     return sb, ib
 
 
+class _AttemptProgress:
+    """The image bar and mask count, per shard attempt: an attempt that fails takes back
+    what it showed, a committed one shows exactly its marker's counts, and late notes of a
+    finished attempt are ignored; so the bar never passes its total on retries."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self.masks = 0
+        self.shown: dict[tuple[str, int], list[int]] = {}
+        self.finished: set[tuple[str, int]] = set()
+
+    def add(self, key: tuple[str, int], images: int, masks: int) -> None:
+        if key in self.finished:
+            return
+        c = self.shown.setdefault(key, [0, 0])
+        c[0] += images
+        c[1] += masks
+        self.masks += masks
+        self.bar.update(images)
+
+    def _close(self, key: tuple[str, int], images: int, masks: int) -> None:
+        self.finished.add(key)
+        was_images, was_masks = self.shown.pop(key, (0, 0))
+        self.masks += masks - was_masks
+        if images != was_images:
+            self.bar.update(images - was_images)
+
+    def failed(self, key: tuple[str, int]) -> None:
+        self._close(key, 0, 0)
+
+    def committed(self, key: tuple[str, int], images: int, masks: int) -> None:
+        self._close(key, images, masks)
+
+
 def _forget_run(out: str) -> None:
     """Remove the manifest and plan this run recorded when its workers could not start
     (a wrong checkpoint, a cluster without the resources): nothing was committed, so the
@@ -779,7 +813,7 @@ def _dispatch(
     t0 = time.perf_counter()
     started: set[tuple[str, int]] = set()
     order: dict[tuple[str, int], int] = {}
-    shown_masks = 0
+    shown = _AttemptProgress(ibar)
 
     def submit(slot: _Slot, shard: ShardSpec) -> None:
         attempts[shard.name] = attempts.get(shard.name, 0) + 1
@@ -807,6 +841,7 @@ def _dispatch(
 
     def give_up_or_requeue(shard: ShardSpec, attempt: int, reason: str, counted: bool) -> None:
         nonlocal retries
+        shown.failed((shard.name, attempt))
         if not counted:  # it never started: this attempt does not count
             attempts[shard.name] -= 1
         if attempts[shard.name] >= cfg.max_attempts:
@@ -818,14 +853,13 @@ def _dispatch(
         queue_.appendleft(shard)
 
     def take_progress() -> None:
-        """Images and masks reported by the workers since the last call (progress only:
-        an attempt that dies later has counted too), and the attempts that started."""
-        nonlocal shown_masks
+        """Images and masks reported by the workers since the last call, and the
+        attempts that started."""
         with contextlib.suppress(Exception):
-            di, dm, keys = ray.get(counter.take.remote(), timeout=10)
+            counts, keys = ray.get(counter.take.remote(), timeout=10)
             started.update(keys)
-            shown_masks += dm
-            ibar.update(di)
+            for key, (di, dm) in counts.items():
+                shown.add(tuple(key), di, dm)
 
     def fail_remaining(reason: str) -> None:
         while queue_:
@@ -886,12 +920,15 @@ def _dispatch(
                 except ray.exceptions.RayError as e:
                     give_up_or_requeue(shard, attempt, _cause(e), True)
                     continue
-                images += int(marker.get("images_ok", 0)) + int(marker.get("images_failed", 0))
-                annotations += int(marker.get("annotations", 0))
+                done = int(marker.get("images_ok", 0)) + int(marker.get("images_failed", 0))
+                masks = int(marker.get("annotations", 0))
+                images += done
+                annotations += masks
+                shown.committed((shard.name, attempt), done, masks)
                 sbar.update(1)
                 dt = max(1e-9, time.perf_counter() - t0)
                 sbar.set_postfix_str(f"{images / dt:.2f} img/s, {annotations / dt:.1f} masks/s")
-                ibar.set_postfix_str(f"{shown_masks} masks")
+                ibar.set_postfix_str(f"{shown.masks} masks")
     finally:
         sbar.close()
         ibar.close()

@@ -178,3 +178,36 @@ def test_output_inside_the_input_is_refused(tmp_path, monkeypatch, inp, out):
     with pytest.raises(ConfigError, match="must not be INPUT or inside it"):
         _validate(GenerateConfig(input=inp, output=out))
     _validate(GenerateConfig(input=inp, output=out.replace("imgs", "imgs2") + "x"))
+
+
+def test_image_progress_takes_back_failed_attempts_and_ends_at_the_total():
+    """A shard's attempt that dies after showing images must not leave them on the bar
+    (it used to pass its total on retries); a committed attempt shows its marker's counts
+    and late notes of a finished attempt change nothing."""
+    import io
+
+    from tqdm import tqdm
+
+    from pipeline.actors import ProgressCounter
+    from pipeline.driver import _AttemptProgress
+
+    bar = tqdm(total=10, file=io.StringIO())
+    shown = _AttemptProgress(bar)
+    counter = ProgressCounter()  # the worker side, without Ray
+    counter.add("sa_000000", 1, 4, 40)
+    counter.add("sa_000001", 1, 3, 30)
+    counter.add("sa_000000", 1, 2, 20)
+    counts, _ = counter.take()
+    assert counts == {("sa_000000", 1): [6, 60], ("sa_000001", 1): [3, 30]}
+    assert counter.take()[0] == {}
+    for key, (di, dm) in counts.items():
+        shown.add(key, di, dm)
+    assert (bar.n, shown.masks) == (9, 90)
+    shown.failed(("sa_000000", 1))  # its worker died: 6 images, 60 masks taken back
+    assert (bar.n, shown.masks) == (3, 30)
+    shown.add(("sa_000000", 1), 1, 5)  # a late note of the dead attempt
+    assert (bar.n, shown.masks) == (3, 30)
+    shown.add(("sa_000000", 2), 5, 50)
+    shown.committed(("sa_000000", 2), 6, 61)  # the marker is the truth
+    shown.committed(("sa_000001", 1), 4, 33)  # an unflushed last note
+    assert (bar.n, shown.masks) == (10, 94) and bar.n == bar.total
