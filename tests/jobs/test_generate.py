@@ -4,6 +4,7 @@ status command. Killed runs must end with exactly the clean run's outputs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -382,3 +383,8 @@ def test_the_readme_offline_demo_end_to_end(ray_address, tmp_path, capsys, monke
     assert anns.groupby("image_id").size().min() >= 5 and anns.image_id.nunique() == 3
     assert decode_main(["show", "demo_out/sa_000000.tar", "--id", "1", "--out", "o.png"]) == 0
     assert (tmp_path / "o.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert decode_main(["stats", "demo_out", "--picture", "stats.png", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["images"], stats["annotations"]) == (3, len(anns))
+    assert (tmp_path / "stats.png").stat().st_size > 1000

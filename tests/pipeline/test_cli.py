@@ -377,7 +377,7 @@ def test_help_reads_well(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("info", "index", "extract", "coco", "show", "validate", "download"):
+    for cmd in ("info", "index", "extract", "coco", "show", "stats", "validate", "download"):
         assert cmd in out
 
 

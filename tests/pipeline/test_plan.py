@@ -294,3 +294,15 @@ def test_plan_on_s3_prefix_sees_new_objects(s3_bucket):
     assert build_plan(f"s3://{bucket}/imgs/", shard_size=2).num_images == 4
     with pytest.raises(InputError, match="not found"):
         build_plan(f"s3://{bucket}/nothing-here/")
+
+
+def test_the_real_links_file_head_plans_its_shards():
+    from tests.sa1b_samples import sa1b_path
+
+    plan = build_plan(str(sa1b_path("SA-1B_links_head_truncated.txt")))
+    assert [(s.shard_id, s.source_name) for s in plan.shards] == [
+        (20, "sa_000020.tar"),
+        (21, "sa_000021.tar"),
+        (22, "sa_000022.tar"),
+    ]
+    assert all(s.source.startswith("https://scontent.xx.fbcdn.net/m1/v/t6/") for s in plan.shards)
