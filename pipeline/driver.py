@@ -187,6 +187,11 @@ class RunSummary:
                 f"  ERRORS   {name}: the generator failed on {n} image(s) in every attempt "
                 f"(reasons in index/status); delete _commits/{name}.json and rerun to retry"
             )
+        if self.images_ok:
+            lines.append(
+                f"  see      sa1b-decode stats {redact(self.output)} --picture stats.png "
+                "(distributions), sa1b-decode show SHARD --id ID (masks over an image)"
+            )
         return "\n".join(lines)
 
 

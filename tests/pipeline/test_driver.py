@@ -164,6 +164,8 @@ def test_summary_fails_when_the_generator_failed_on_images_in_every_attempt():
     bad = RunSummary(**base, generator_errors={"sa_000001": 1})
     assert not bad.ok
     assert "ERRORS   sa_000001: the generator failed on 1 image(s)" in bad.format()
+    assert "sa1b-decode stats out --picture" in bad.format()  # where to look next
+    assert "sa1b-decode stats" not in RunSummary(**{**base, "images_ok": 0}).format()
 
 
 @pytest.mark.parametrize(
