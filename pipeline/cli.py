@@ -441,14 +441,16 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from pipeline.stats import StatsError, draw_stats, index_parts, index_stats
+    from pipeline.stats import StatsError, draw_stats, index_parts, index_stats, pyplot
 
     try:
-        _, _, names, _ = index_parts(args.index)
-    except StatsError as e:
+        if args.picture:
+            pyplot()  # before reading what may be a billion masks
+        parts = index_parts(args.index)
+    except (StatsError, ImportError) as e:
         raise UsageError(str(e)) from None
-    with _progress(len(names), "stats") as bar:
-        st = index_stats(args.index, progress=lambda: bar.update(1))
+    with _progress(len(parts[2]), "stats") as bar:
+        st = index_stats(args.index, progress=lambda: bar.update(1), parts=parts)
     d = st.as_dict()
     if args.json:
         print(json.dumps(d, indent=1))

@@ -672,6 +672,10 @@ class _AttemptProgress:
         self.shown: dict[tuple[str, int], list[int]] = {}
         self.finished: set[tuple[str, int]] = set()
 
+    def start(self, key: tuple[str, int]) -> None:
+        """A submission: an attempt that never started is resubmitted under its number."""
+        self.finished.discard(key)
+
     def add(self, key: tuple[str, int], images: int, masks: int) -> None:
         if key in self.finished:
             return
@@ -831,6 +835,7 @@ def _dispatch(
             attempt=attempts[shard.name],
             final=attempts[shard.name] >= cfg.max_attempts,
         )
+        shown.start((shard.name, attempts[shard.name]))
         ref = slot.handle.process_shard.remote(task, counter)
         inflight[ref] = (slot, shard, attempts[shard.name])
         order[(shard.name, attempts[shard.name])] = len(order)

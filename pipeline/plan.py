@@ -332,16 +332,24 @@ def _text(data: bytes, url: str) -> str:
         ) from None
 
 
+_LINK_ROW = re.compile(r"\s*sa_\d+\.tar\t\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
 def _links_rows(text: str, url: str) -> list[tuple[str, str]] | None:
     """``[(file_name, link), ...]`` of the shard rows of an SA-1B links file, or ``None``
-    when ``text`` is not one (its first line is not ``file_name<TAB>cdn_link``)."""
-    lines = text.splitlines()
-    first = next((ln for ln in lines if ln.strip()), "")
-    if tuple(c.strip() for c in first.split("\t")) != LINKS_HEADER:
+    when ``text`` is not one: its first line is neither the header
+    ``file_name<TAB>cdn_link`` nor a shard row (``grep`` output without the header)."""
+    start = len(text) - len(text.lstrip())
+    first = text[start:].split("\n", 1)[0]  # (peek: a long image list is split once, later)
+    header = tuple(c.strip() for c in first.split("\t")) == LINKS_HEADER
+    if not header and not _LINK_ROW.match(first):
         return None
     rows, skipped = [], []
-    for n, line in enumerate(lines[lines.index(first) + 1 :], start=lines.index(first) + 2):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
+            continue
+        if header:  # the first line that is not blank
+            header = False
             continue
         parts = [c.strip() for c in line.split("\t")]
         if len(parts) != 2 or not all(parts) or "://" not in parts[1]:
@@ -391,10 +399,9 @@ def _read_entries(url: str) -> tuple[list[tuple[str, int | None]], list[str] | N
         if ids is not None:
             ids = [_parquet_id(i, n, url) for n, i in enumerate(ids)]
         entries = list(zip(uris, ids or [None] * len(uris)))
-    elif (links := _links_rows(_text(data, url), url)) is not None:
+    elif (links := _links_rows(text := _text(data, url), url)) is not None:
         return [(link, None) for _, link in links], [name for name, _ in links]
     elif lower.endswith((".csv", ".tsv")):
-        text = _text(data, url)
         reader = csv.DictReader(
             io.StringIO(text), delimiter="\t" if lower.endswith(".tsv") else ","
         )
@@ -414,12 +421,17 @@ def _read_entries(url: str) -> tuple[list[tuple[str, int | None]], list[str] | N
                     f"input {redact(url)}: line {n}: image_id {iid!r} is not an integer"
                 ) from None
     else:
-        text = _text(data, url)
-        entries = [
-            (line.strip(), None)
-            for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")
-        ]
+        entries = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if "\t" in line.strip():  # columns: a .tsv, or a links file's row
+                raise InputError(
+                    f"input {redact(url)}: line {n}: a TAB in a one-URI-per-line list (name "
+                    "a list with columns .tsv; an SA-1B links file starts with its header "
+                    "file_name<TAB>cdn_link)"
+                )
+            entries.append((line.strip(), None))
     return [(_resolve(u, base), i) for u, i in entries], None
 
 
@@ -430,15 +442,18 @@ def _sa1b_plan(uris: Sequence[str], origin: str, names: Sequence[str] | None = N
     """Re-annotation of the shards ``uris``; their ids come from their names (``names``
     where given: the file names of a links file, whose links are opaque)."""
     shards: dict[int, tuple[str, str | None]] = {}
+    shown: dict[int, str] = {}
     for n, u in enumerate(uris):
-        shown = redact(u) if names is None else names[n]
+        this = redact(u) if names is None else names[n]
         m = _SHARD_RE.match(basename(u) if names is None else names[n])
         if m is None:
-            raise InputError(f"input {redact(origin)}: {shown} is not named sa_NNNNNN.tar")
+            raise InputError(f"input {redact(origin)}: {this} is not named sa_NNNNNN.tar")
         sid = int(m.group(1))
         if sid in shards:
-            raise InputError(f"input {redact(origin)}: shard id {sid} appears twice ({shown})")
+            both = this if names is not None else f"{shown[sid]}, {this}"  # (links: opaque)
+            raise InputError(f"input {redact(origin)}: shard id {sid} appears twice ({both})")
         shards[sid] = (u, None if names is None else names[n])
+        shown[sid] = this
     specs = [ShardSpec(sid, (), *shards[sid]) for sid in sorted(shards)]
     return ShardPlan("sa1b", specs)
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io import basename, exists, join, list_dir, open_url, redact, url_to_fs
 
-__all__ = ["BINS", "IndexStats", "index_parts", "index_stats", "draw_stats"]
+__all__ = ["BINS", "IndexStats", "StatsError", "draw_stats", "index_parts", "index_stats", "pyplot"]
 
 BINS = 1000
 # (column, label, range): values outside the range land in its first or last bin
@@ -165,10 +165,12 @@ def _part(fs: Any, root: str, table: str, name: str) -> pq.ParquetFile:
     return pq.ParquetFile(p, filesystem=fs)
 
 
-def index_stats(path: str, *, progress: Any = None) -> IndexStats:
+def index_stats(
+    path: str, *, progress: Any = None, parts: tuple[str, str, list[str], list[str]] | None = None
+) -> IndexStats:
     """Stream the index at ``path`` into :class:`IndexStats`. ``progress`` (optional) is
-    called once per shard read."""
-    layout, root, names, damaged = index_parts(path)
+    called once per shard read; ``parts``: :func:`index_parts` of ``path`` if known."""
+    layout, root, names, damaged = index_parts(path) if parts is None else parts
     fs, _ = url_to_fs(root)
     image_ids, image_area = [], []
     counts = np.zeros(1, np.int64)
@@ -215,18 +217,26 @@ def index_stats(path: str, *, progress: Any = None) -> IndexStats:
     return IndexStats(path, layout, len(names), images, annotations, counts, hists, damaged)
 
 
-def draw_stats(stats: IndexStats, out: str) -> None:
-    """A 2x2 PNG of the four distributions (needs matplotlib: the ``plot`` extra)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on a file backend; :class:`ImportError` that says how to get
+    it (the ``plot`` extra)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise StatsError(
+        raise ImportError(
             "the picture needs matplotlib: pip install 'sa1b-engine[plot]' (or leave out --picture)"
         ) from None
+    return plt
+
+
+def draw_stats(stats: IndexStats, out: str) -> None:
+    """A 2x2 PNG of the four distributions (needs matplotlib: the ``plot`` extra)."""
     from pipeline.io import atomic_write
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
     n = stats.masks_per_image

@@ -213,3 +213,9 @@ def test_image_progress_takes_back_failed_attempts_and_ends_at_the_total():
     shown.committed(("sa_000000", 2), 6, 61)  # the marker is the truth
     shown.committed(("sa_000001", 1), 4, 33)  # an unflushed last note
     assert (bar.n, shown.masks) == (10, 94) and bar.n == bar.total
+    # a shard queued behind a dying one never started: resubmitted under the same number,
+    # its notes count again
+    shown.failed(("sa_000002", 1))
+    shown.start(("sa_000002", 1))
+    shown.add(("sa_000002", 1), 2, 9)
+    assert (bar.n, shown.masks) == (12, 103)

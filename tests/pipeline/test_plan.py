@@ -147,8 +147,9 @@ def test_sa1b_shards_keep_their_ids(tmp_path):
 def test_sa1b_list_with_duplicate_shard_ids_is_refused(tmp_path):
     lst = tmp_path / "shards.txt"
     lst.write_text("a/sa_000001.tar\nb/sa_000001.tar\n")
-    with pytest.raises(InputError, match="shard id 1 appears twice"):
+    with pytest.raises(InputError, match="shard id 1 appears twice") as e:
         build_plan(str(lst))
+    assert "a/sa_000001.tar" in str(e.value) and "b/sa_000001.tar" in str(e.value)
 
 
 def _links_file(path, token, sig, extra=""):
@@ -208,6 +209,22 @@ def test_plans_without_source_names_keep_their_fingerprint(tmp_path):
     assert plan.fingerprint() == hashlib.sha256(text.encode()).hexdigest()
     table = plan.to_table().drop(["source_name"])  # a plan.parquet of an earlier version
     assert ShardPlan.from_table(table).fingerprint() == plan.fingerprint()
+
+
+def test_links_rows_without_the_header_are_a_links_file_and_tabs_are_never_a_uri(tmp_path):
+    """``grep`` output of a links file (no header) plans the same shards; any other line
+    with a TAB in a one-URI-per-line list is refused, so a signed link is never taken for
+    an image URI (and recorded with its signature)."""
+    full = _links_file(tmp_path / "SA-1B_links.txt", "T", "SECRET")
+    rows = [ln for ln in open(full).read().splitlines() if ln.startswith("sa_0")]
+    grepped = tmp_path / "few.txt"
+    grepped.write_text("\r\n".join(rows) + "\r\n")  # (CRLF too)
+    assert build_plan(str(grepped)).fingerprint() == build_plan(full).fingerprint()
+    odd = tmp_path / "odd.txt"
+    odd.write_text("a.jpg\nsa_1.tar\thttps://cdn.example/x.tar?oh=SECRET\n")
+    with pytest.raises(InputError, match="line 2: a TAB in a one-URI-per-line list") as e:
+        build_plan(str(odd))
+    assert "SECRET" not in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,23 @@ def test_stats_cli_prints_writes_a_picture_and_refuses_a_non_index(index_dir, tm
     assert "not an index" in caplog.text and "sa1b-decode index" in caplog.text
 
 
+def test_a_picture_without_matplotlib_is_refused_before_the_index_is_read(
+    index_dir, tmp_path, monkeypatch, caplog
+):
+    import pipeline.stats
+
+    def no_matplotlib():
+        raise ImportError("the picture needs matplotlib: pip install 'sa1b-engine[plot]'")
+
+    def must_not_read(*a, **k):
+        raise AssertionError("the index was read")
+
+    monkeypatch.setattr(pipeline.stats, "pyplot", no_matplotlib)
+    monkeypatch.setattr(pipeline.stats, "index_stats", must_not_read)
+    assert main(["stats", str(index_dir), "--picture", str(tmp_path / "p.png")]) == 2
+    assert "sa1b-engine[plot]" in caplog.text and not (tmp_path / "p.png").exists()
+
+
 def test_pictures_of_an_empty_index_and_of_values_over_the_whole_range(tmp_path):
     from PIL import Image
 
