@@ -2,6 +2,7 @@
 
     python -m jobs.generate INPUT OUTPUT [options]       # or: sa1b-generate ...
     python -m jobs.generate status OUTPUT [--json]       # progress of a run
+    python -m jobs.generate INPUT OUTPUT --dry-run       # the plan and checks, nothing run
 
 Joins a cluster when given one (``--address`` or ``RAY_ADDRESS``, as under
 ``ray job submit``), otherwise starts an embedded local Ray. Rerunning the same command
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="INPUT",
         help=(
             "a folder/prefix of images (local or s3://...), a list file (.txt/.csv/.parquet of "
-            "URIs) or SA-1B shards (sa_NNNNNN.tar: re-annotation keeps shard and image ids)"
+            "URIs), SA-1B shards (sa_NNNNNN.tar: re-annotation keeps shard and image ids) or "
+            "an SA-1B_links.txt (its shards re-annotated straight from their links)"
         ),
     )
     p.add_argument("output", metavar="OUTPUT", help="output folder or prefix (local or s3://...)")
@@ -248,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("reporting")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan the input and make every check (settings, checkpoint, the output's "
+        "recorded run), print what would run, and stop: no Ray, nothing written",
+    )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--json", action="store_true", help="print the final summary as JSON")
     g.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
@@ -333,13 +341,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
 
-    from pipeline.driver import ConfigError, WorkerStartError, run_generation
+    from pipeline.driver import (
+        ConfigError,
+        WorkerStartError,
+        dry_run,
+        format_dry_run,
+        run_generation,
+    )
     from pipeline.io import scrub
     from pipeline.manifest import RunConflictError
     from pipeline.plan import InputError
     from sam.checkpoint import CheckpointError
 
     try:
+        if args.dry_run:
+            d = dry_run(config_from_args(args))
+            print(json.dumps(d, indent=1) if args.json else format_dry_run(d))
+            return EXIT_OK
         summary = run_generation(config_from_args(args))
     except (ConfigError, InputError, RunConflictError, CheckpointError, WorkerStartError) as e:
         print(f"sa1b-generate: {scrub(str(e))}", file=sys.stderr)

@@ -354,8 +354,11 @@ def _validate(cfg: GenerateConfig) -> None:
         raise ConfigError(f"OUTPUT {redact(cfg.output)} must not be INPUT or inside it")
 
 
-def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerConfig]:
-    """Plan, manifest check/record and worker config; raises user errors before Ray starts."""
+def prepare_run(
+    cfg: GenerateConfig, *, record: bool = True
+) -> tuple[dict[str, Any], ShardPlan, WorkerConfig]:
+    """Plan, manifest check/record and worker config; raises user errors before Ray starts.
+    ``record=False`` checks against a recorded run but writes nothing (a dry run)."""
     # local paths made absolute here: Ray workers do not share the driver's working folder
     cfg.output = _absolute_if_local(cfg.output)
     if cfg.checkpoint is not None:
@@ -400,7 +403,7 @@ def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerC
     manifest["model"]["checkpoint"] = ckpt_desc
     try:
         recorded = load_manifest(cfg.output)
-        if recorded is None:
+        if recorded is None and record:
             write_manifest(cfg.output, manifest, plan)
     except RunConflictError:
         raise
@@ -409,7 +412,8 @@ def prepare_run(cfg: GenerateConfig) -> tuple[dict[str, Any], ShardPlan, WorkerC
             f"output {redact(cfg.output)}: cannot read or write ({describe(e)})"
         ) from None
     if recorded is None:
-        log.info("new run %s: %d shards recorded in %s", run_id, len(plan.shards), RUN_DIR)
+        if record:
+            log.info("new run %s: %d shards recorded in %s", run_id, len(plan.shards), RUN_DIR)
     else:
         recorded_cmp = json.loads(json.dumps(recorded))
         recorded_cmp.get("model", {}).pop("checkpoint", None)  # where it lies may change
@@ -712,6 +716,50 @@ def _forget_run(out: str) -> None:
         remove(manifest_url(out))
         remove(plan_url(out))
         log.info("no worker started: the run recorded in %s is removed", redact(out))
+
+
+def dry_run(cfg: GenerateConfig) -> dict[str, Any]:
+    """What ``run_generation(cfg)`` would do, with every check it makes before Ray starts
+    (input plan, settings, checkpoint, the output's recorded run); starts and writes
+    nothing."""
+    try:
+        recorded = load_manifest(_absolute_if_local(cfg.output))
+    except Exception:  # prepare_run reports an unreachable output
+        recorded = None
+    manifest, plan, _ = prepare_run(cfg, record=False)
+    done = committed_shards(cfg.output) if recorded is not None else set()
+    planned = [s.name for s in plan.shards]
+    return {
+        "input": redact(cfg.input),
+        "output": redact(cfg.output),
+        "run": "resume" if recorded is not None else "new",
+        "run_id": manifest["run_id"],
+        "plan": plan.summary(),
+        "shards_committed": sum(n in done for n in planned),
+        "shards_to_do": sum(n not in done for n in planned),
+        "model": manifest["model"]["name"],
+        "checkpoint": manifest["model"]["checkpoint"],
+        "checkpoint_sha256": manifest["model"]["checkpoint_sha256"],
+        "generator": manifest["generator"],
+    }
+
+
+def format_dry_run(d: dict[str, Any]) -> str:
+    p = d["plan"]
+    images = "images counted when the shards are read" if p["num_images"] is None else (
+        f"{p['num_images']} images"
+    )
+    lines = [
+        "dry run: nothing started, nothing written",
+        f"  input    {d['input']}: {p['kind']} plan, {p['num_shards']} shards, {images}",
+        f"  output   {d['output']}: "
+        + ("a new run" if d["run"] == "new" else f"resumes run {d['run_id']}")
+        + f"; {d['shards_committed']} shards committed, {d['shards_to_do']} to do",
+        f"  model    {d['model']} ({d['checkpoint']}, sha256 {str(d['checkpoint_sha256'])[:12]})",
+        f"  settings preset {d['generator']['preset']}: "
+        + ", ".join(f"{k}={v}" for k, v in sorted(d["generator"]["settings"].items())),
+    ]
+    return "\n".join(lines)
 
 
 def run_generation(cfg: GenerateConfig) -> RunSummary:

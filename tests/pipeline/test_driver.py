@@ -219,3 +219,39 @@ def test_image_progress_takes_back_failed_attempts_and_ends_at_the_total():
     shown.start(("sa_000002", 1))
     shown.add(("sa_000002", 1), 2, 9)
     assert (bar.n, shown.masks) == (12, 103)
+
+
+def test_dry_run_checks_everything_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from jobs.generate import main
+    from pipeline import driver
+    from pipeline.manifest import RunConflictError
+
+    def no_ray(cfg):
+        raise AssertionError("a dry run started Ray")
+
+    monkeypatch.setattr(driver, "_connect", no_ray)
+    cfg = _run_config(tmp_path)
+    d = driver.dry_run(cfg)
+    listing_shards = d["plan"]["num_shards"]
+    assert (d["run"], d["shards_committed"], d["shards_to_do"]) == ("new", 0, listing_shards)
+    assert d["plan"]["num_images"] == sum(1 for _ in open(cfg.input)) and listing_shards >= 2
+    assert not (tmp_path / "out").exists()  # nothing written
+    # a recorded run with one committed shard: resumes, and says what is left
+    driver.prepare_run(_run_config(tmp_path))
+    (tmp_path / "out" / "_commits").mkdir()
+    (tmp_path / "out" / "_commits" / "sa_000000.json").write_text("{}")
+    before = sorted(p.name for p in (tmp_path / "out").rglob("*"))
+    d = driver.dry_run(_run_config(tmp_path))
+    assert (d["run"], d["shards_committed"], d["shards_to_do"]) == ("resume", 1, listing_shards - 1)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
+    with pytest.raises(RunConflictError, match="points_per_side"):
+        driver.dry_run(_run_config(tmp_path, points_per_side=3))
+    # the command line
+    c = _run_config(tmp_path)
+    args = [c.input, c.output, "--model", c.model, "--checkpoint", c.checkpoint, "--dry-run"]
+    args += ["--shard-size", "2"] + [f"--{k.replace('_', '-')}={v}" for k, v in c.generator.items()]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "dry run: nothing started, nothing written" in out and "1 shards committed" in out
+    assert main(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards_to_do"] == listing_shards - 1
