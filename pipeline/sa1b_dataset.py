@@ -5,6 +5,13 @@ Shards are split across DataLoader workers (and across distributed ranks when
 so every image is seen once per epoch. Each item is ``transform(record)``; the default
 gives a dict with the decoded image and the parsed annotations (masks stay RLE: decode
 the ones you need with :func:`sam.rle.decode`).
+
+For training, ``shuffle=True`` permutes the shard order every epoch (the same permutation
+on every rank and worker, from ``seed`` and the epoch set by :meth:`SA1BDataset.set_epoch`,
+so the split stays disjoint), and ``shuffle_buffer=N`` also mixes records across the
+shards a worker reads through a buffer of N records (SA-1B's members are already in
+random order within a shard). A buffered record holds its JPEG bytes and JSON, not
+decoded pixels or masks: for SA-1B about 1-5 MB each.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.sa1b_reader import SA1BRecord, ShardReader
@@ -39,7 +47,11 @@ def shards_for_worker(
 class SA1BDataset(IterableDataset):
     """Iterate SA-1B records of ``shards`` (fsspec URLs).
 
-    >>> loader = DataLoader(SA1BDataset(urls), batch_size=None, num_workers=4)
+    >>> ds = SA1BDataset(urls, shuffle=True, shuffle_buffer=256, seed=0)
+    >>> loader = DataLoader(ds, batch_size=None, num_workers=4)
+    >>> for epoch in range(3):
+    ...     ds.set_epoch(epoch)  # before iterating: DataLoader workers copy the dataset
+    ...     for sample in loader: ...
 
     ``reader_kwargs`` go to :class:`ShardReader`. A damaged shard (truncated, corrupt)
     yields the records before the damage and a warning; ``on_error="raise"`` makes it
@@ -53,15 +65,28 @@ class SA1BDataset(IterableDataset):
         shards: Sequence[str],
         *,
         transform: Callable[[SA1BRecord], Any] | None = default_sample,
+        shuffle: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
         **reader_kwargs: Any,
     ):
         super().__init__()
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         self.shards = list(shards)
         self.transform = transform
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = 0
         self.reader_kwargs = reader_kwargs
         self.reports: list[Any] = []
 
-    def _my_shards(self) -> list[str]:
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose shuffle the next iteration uses (call it before each epoch)."""
+        self.epoch = int(epoch)
+
+    def _slot(self) -> tuple[int, int, int, int]:
         info = get_worker_info()
         worker, num = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = 0, 1
@@ -72,13 +97,49 @@ class SA1BDataset(IterableDataset):
                 rank, world = dist.get_rank(), dist.get_world_size()
         except ImportError:  # pragma: no cover
             pass
-        return shards_for_worker(self.shards, worker, num, rank, world)
+        return worker, num, rank, world
 
-    def __iter__(self) -> Iterator[Any]:
+    def _my_shards(self) -> list[str]:
+        worker, num, rank, world = self._slot()
+        shards = self.shards
+        if self.shuffle:  # one permutation for all ranks and workers: the split stays disjoint
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))
+            shards = [shards[i] for i in order]
+        return shards_for_worker(shards, worker, num, rank, world)
+
+    def _records(self) -> Iterator[SA1BRecord]:
         for url in self._my_shards():
             reader = ShardReader(url, **self.reader_kwargs)
             try:
-                for rec in reader:
-                    yield self.transform(rec) if self.transform else rec
+                yield from reader
             finally:
                 self.reports.append(reader.report)
+
+    def __iter__(self) -> Iterator[Any]:
+        records = self._records()
+        if self.shuffle_buffer > 1:
+            worker, _, rank, _ = self._slot()
+            rng = np.random.default_rng([self.seed, self.epoch, rank, worker, 1])
+            records = _buffer_shuffle(records, self.shuffle_buffer, rng)
+        for rec in records:
+            yield self.transform(rec) if self.transform else rec
+
+
+def _buffer_shuffle(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Each item out is a random one of the next ``size`` in: a streaming shuffle."""
+    buf: list[Any] = []
+    try:
+        for it in items:
+            if len(buf) < size:
+                buf.append(it)
+                continue
+            k = int(rng.integers(size))
+            buf[k], it = it, buf[k]
+            yield it
+        order = rng.permutation(len(buf))
+        for k in order:
+            yield buf[k]
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()  # an early stop still closes the shard and records its report
