@@ -51,11 +51,14 @@ def eval_scene(seed: int, min_side: int = 512, max_side: int = 1024, max_objects
 
 
 def interior_point(mask: np.ndarray) -> tuple[float, float]:
-    """``(x, y)`` of the pixel farthest from the mask's boundary (first one on ties)."""
-    padded = np.pad(mask.astype(np.uint8), 1)
-    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return float(x), float(y)
+    """``(x, y)`` of the most interior pixel: of the pixels within 1 px of the largest
+    distance from the boundary (a round shape's centre, a thin bar's whole centre line),
+    the one nearest their middle, not the first in row order (at one end of a bar)."""
+    from sam.train import most_interior_pixels
+
+    ys, xs = np.divmod(most_interior_pixels(mask), mask.shape[1])
+    k = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return float(xs[k]), float(ys[k])
 
 
 def tight_box(mask: np.ndarray) -> np.ndarray:

@@ -76,6 +76,18 @@ DEFAULT_DATA = {
     "bg_weight": 0.4,
     "hard_weight": 1.0,
     "small_area": 0.01,
+    # 0: every instance gets one prompt before any gets two (up to --prompts) and the
+    # weights pick only the rest, so on crowded scenes they matter little (stages up to
+    # 9); 1: every prompt picks its instance by weight (with replacement)
+    "weighted_prompts": 0,
+    # share of point prompts at the instance's most interior pixels (a random one within
+    # 1 px of the largest distance from its boundary: the centre, a bar's centre line), as
+    # bench.quality and people click; the rest are uniform over the instance
+    "p_centre_point": 0.0,
+    # a point prompt at pixel (px, py) is passed as (px + point_offset) * scale: the
+    # predictor passes px * scale (its prompt encoder adds the half pixel itself), so 0.0
+    # matches inference; stages up to 9 used 0.5
+    "point_offset": 0.5,
 }
 
 
@@ -108,6 +120,15 @@ def instance_weights(scene, data: dict) -> np.ndarray:
     return np.where(kinds == "background", float(data["bg_weight"]), 1.0) * np.where(
         hard, float(data["hard_weight"]), 1.0
     )
+
+
+def most_interior_pixels(mask: np.ndarray, tol: float = 1.0) -> np.ndarray:
+    """Flat indices of the pixels of ``mask`` within ``tol`` px of the largest distance
+    from its boundary (the image border counts as boundary): the centre of a round shape,
+    the centre line of a bar (its pixels differ by rounding)."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    return np.flatnonzero(dist >= dist.max() - tol)
 
 
 def make_sample(
@@ -156,8 +177,12 @@ def make_sample(
     kinds = np.array(scene.kinds)
     weight = instance_weights(scene, data)
     p = weight / weight.sum()
-    chosen = rng.choice(len(kinds), size=min(n_prompts, len(kinds)), replace=False, p=p)
-    if n_prompts > len(kinds):  # more prompts than instances: repeats get other prompts
+    if data["weighted_prompts"]:
+        chosen = rng.choice(len(kinds), size=n_prompts, replace=True, p=p)
+    else:
+        chosen = rng.choice(len(kinds), size=min(n_prompts, len(kinds)), replace=False, p=p)
+    if not data["weighted_prompts"] and n_prompts > len(kinds):
+        # more prompts than instances: repeats get other prompts
         extra = rng.choice(len(kinds), size=n_prompts - len(kinds), replace=True, p=p)
         chosen = np.concatenate([chosen, extra])
     n = len(chosen)
@@ -203,10 +228,14 @@ def make_sample(
             b = b + np.clip(rng.normal(0, 0.1, 4) * side, -20, 20)
             boxes[j] = np.clip(b, 0, [nw, nh, nw, nh])
         else:
-            flat = np.flatnonzero(m)
+            if data["p_centre_point"] > 0 and rng.random() < data["p_centre_point"]:
+                flat = most_interior_pixels(m)
+            else:
+                flat = np.flatnonzero(m)
             pix = flat[int(rng.integers(len(flat)))]
             py, px = divmod(int(pix), m.shape[1])
-            coords[j] = [(px + 0.5) * scale_x, (py + 0.5) * scale_y]
+            off = float(data["point_offset"])
+            coords[j] = [(px + off) * scale_x, (py + off) * scale_y]
     del scale
     return {
         "image": torch.from_numpy(x.transpose(2, 0, 1).copy()),  # uint8, zero-padded
@@ -741,7 +770,9 @@ def check_data(data: dict | None) -> dict:
         ("hard_weight", d["hard_weight"] > 0, "> 0"),
         ("small_area", 0 <= d["small_area"] <= 1, "in [0, 1]"),
     ]
-    rules += [(k, 0 <= d[k] <= 1, "in [0, 1]") for k in ("parts_prob", "p_native", "p_jpeg")]
+    rules.append(("weighted_prompts", d["weighted_prompts"] in (0, 1), "0 or 1"))
+    keys = ("parts_prob", "p_native", "p_jpeg", "p_centre_point", "point_offset")
+    rules += [(k, 0 <= d[k] <= 1, "in [0, 1]") for k in keys]
     for k, ok, rule in rules:
         if not ok:
             raise ValueError(f"data parameter {k} must be {rule}")

@@ -108,6 +108,58 @@ def test_hard_instances_weigh_more_when_asked():
     assert set(w.tolist()) <= {1.0, data["bg_weight"]}
 
 
+def test_weighted_prompts_follow_the_weights_on_crowded_scenes():
+    """With 16 prompts on scenes of about as many instances, "cover" sampling gives every
+    instance one prompt whatever its weight; weighted_prompts=1 draws every prompt by
+    weight, so the hard share approaches the weighted share."""
+    base = {**T.DEFAULT_DATA, **SMALL_DATA, "min_objects": 10, "max_objects": 14, "hard_weight": 4.0}
+
+    def hard_share(data):
+        got = want = 0.0
+        for i in range(12):
+            s = T.make_sample(T.scene_seed(0, i, 0, 1), 128, 16, data, target_scale=1)
+            scene = _scene_of(s, data)
+            w = T.instance_weights(scene, data)
+            hard = w > np.where(np.array(scene.kinds) == "background", data["bg_weight"], 1.0)
+            areas = scene.areas()
+            for t in s["target"]:
+                k = int(np.flatnonzero(areas == round(float(t.sum()) * 16))[0])
+                got += hard[k]
+            want += 16 * w[hard].sum() / w.sum()
+        return got / (12 * 16), want / (12 * 16)
+
+    cover, expected = hard_share(base)
+    weighted, expected2 = hard_share({**base, "weighted_prompts": 1})
+    assert expected == pytest.approx(expected2)
+    assert weighted > cover + 0.1 and abs(weighted - expected) < 0.1, (cover, weighted, expected)
+
+
+def test_centre_points_and_the_inference_pixel_convention():
+    """p_centre_point=1 puts every point prompt on the instance's centre line (within 1 px
+    of its largest boundary distance); point_offset=0 passes pixel indices as the
+    predictor does (its prompt encoder adds the half pixel)."""
+    import cv2
+
+    data = {**T.DEFAULT_DATA, **SMALL_DATA, "p_centre_point": 1.0, "point_offset": 0.0}
+    n = 0
+    for i in range(6):
+        s = T.make_sample(T.scene_seed(0, i, 0, 1), 128, 6, data, target_scale=1)
+        scene = _scene_of(s, data)
+        assert max(scene.height, scene.width) == 128  # native size: coordinates are pixels
+        areas = scene.areas()
+        for j in np.flatnonzero(~s["is_box"].numpy()):
+            x, y = s["coords"][j].tolist()
+            assert x == int(x) and y == int(y)  # a pixel index, no half-pixel shift
+            k = int(np.flatnonzero(areas == round(float(s["target"][j].sum()) * 16))[0])
+            m = scene.masks[k]
+            dist = cv2.distanceTransform(np.pad(m.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+            assert m[int(y), int(x)] and dist[int(y), int(x)] >= dist.max() - 1.0
+            n += 1
+    assert n >= 5
+    with pytest.raises(ValueError, match="weighted_prompts must be 0 or 1"):
+        T.check_data({"weighted_prompts": 2})
+
+
 @pytest.mark.parametrize("scale", [2, 4])
 def test_binary_targets_on_a_finer_grid(scale):
     data = {**T.DEFAULT_DATA, **SMALL_DATA}
