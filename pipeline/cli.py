@@ -98,35 +98,65 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- index
 
 
-def _index_one(url: str, out: str, opts: dict[str, Any]) -> dict[str, Any]:
+def _index_one(
+    url: str, out: str, opts: dict[str, Any], name: str | None = None
+) -> dict[str, Any]:
     from pipeline.parquet_index import index_shard
 
+    shown = name or redact(url)
     try:
-        return index_shard(url, out, **opts).as_dict()
+        return index_shard(url, out, name=name, **opts).as_dict()
     except (ShardFormatError, OSError) as e:
-        return {"shard": redact(url), "complete": False, "error": scrub(str(e)), "fatal": True}
+        return {"shard": shown, "complete": False, "error": scrub(str(e)), "fatal": True}
     except Exception as e:  # a defect, not bad input: still one row, the other shards go on
-        log.exception("%s: indexing failed", redact(url))
+        log.exception("%s: indexing failed", shown)
         error = scrub(f"{type(e).__name__}: {e}")
-        return {"shard": redact(url), "complete": False, "error": error, "fatal": True}
+        return {"shard": shown, "complete": False, "error": error, "fatal": True}
+
+
+def _shards_from_links(links_url: str, names: Sequence[str]) -> list[tuple[str, str]]:
+    """``[(link, file name), ...]`` for ``names`` (default: every shard) of a links file."""
+    import re
+
+    from pipeline.download import read_links
+
+    try:
+        links = read_links(links_url)
+    except FileNotFoundError:
+        raise UsageError(f"{links_url}: no such file") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not names:
+        names = sorted(n for n in links if re.fullmatch(r"sa_\d+\.tar", n))
+    missing = [n for n in names if n not in links]
+    if missing:
+        raise UsageError(f"{redact(links_url)}: no link for {', '.join(missing[:5])}")
+    return [(links[n], n) for n in names]
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    _check_inputs(args.shards)
+    if args.links:
+        jobs = _shards_from_links(args.links, [basename(s) for s in args.shards])
+    elif not args.shards:
+        raise UsageError("index: name the shards to index (or --links SA-1B_links.txt)")
+    else:
+        _check_inputs(args.shards)
+        jobs = [(url, None) for url in args.shards]
     opts = {
         "with_counts": args.with_counts,
-        "seek_index": not args.no_seek_index,
+        # a seek index takes a second pass over the shard: not over a CDN link
+        "seek_index": not args.no_seek_index and not args.links,
         "overwrite": args.overwrite,
     }
     results = []
-    with _progress(len(args.shards), "index") as bar:
-        if args.workers <= 1 or len(args.shards) == 1:
-            for url in args.shards:
-                results.append(_index_one(url, args.out, opts))
+    with _progress(len(jobs), "index") as bar:
+        if args.workers <= 1 or len(jobs) == 1:
+            for url, name in jobs:
+                results.append(_index_one(url, args.out, opts, name))
                 bar.update(1)
         else:
             with ProcessPoolExecutor(args.workers) as pool:
-                futs = [pool.submit(_index_one, u, args.out, opts) for u in args.shards]
+                futs = [pool.submit(_index_one, u, args.out, opts, n) for u, n in jobs]
                 for fut in as_completed(futs):
                     results.append(fut.result())
                     bar.update(1)
@@ -644,8 +674,16 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/seek/<shard>.sidx and DIR/_reports/<shard>.json. Shards already indexed "
         "completely are skipped, so re-running resumes.",
     )
-    s.add_argument("shards", nargs="+", metavar="SHARD")
+    s.add_argument(
+        "shards", nargs="*", metavar="SHARD", help="shard paths or URLs (with --links: names)"
+    )
     s.add_argument("--out", required=True, metavar="DIR", help="index directory (or URL)")
+    s.add_argument(
+        "--links",
+        metavar="LINKS_TXT",
+        help="stream the shards from an SA-1B_links.txt (all of them, or the SHARD names "
+        "given) without storing them; no seek index then (it needs a second pass)",
+    )
     s.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     s.add_argument("--with-counts", action="store_true", help="store RLE counts strings too")
     s.add_argument("--no-seek-index", action="store_true", help="skip the seek indexes")

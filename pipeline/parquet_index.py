@@ -286,29 +286,33 @@ def index_shard(
     spacing: int | None = None,
     overwrite: bool = False,
     backend: str = "auto",
+    name: str | None = None,
 ) -> ShardIndexResult:
     """Index one shard in one sequential pass: Parquet parts (+ seek index).
 
     JSON members are parsed (no mask is decoded); JPEG members are skipped, only their
     location is kept. A damaged shard yields parts for everything read before the damage
-    and a report with ``complete: false`` (so a later run retries it).
+    and a report with ``complete: false`` (so a later run retries it). ``name``
+    (``sa_000020.tar``) names the shard when ``url`` does not (an SA-1B CDN link).
     """
     from pipeline.seek_index import DEFAULT_SPACING, SeekIndex, gzip_checkpoints, seek_index_name
 
     t0 = time.perf_counter()
-    stem = shard_stem(url)
-    if not overwrite and is_indexed(out_dir, url):
-        rep = ShardReport(url=redact(url), complete=True)
+    ident = name or url
+    stem = shard_stem(ident)
+    shown = name or redact(url)
+    if not overwrite and is_indexed(out_dir, ident):
+        rep = ShardReport(url=shown, complete=True)
         return ShardIndexResult(stem, rep, 0, 0, 0.0, skipped=True)
 
     # an old report marks the shard complete: it goes before any new part is written, so
     # a run killed half-way through an --overwrite never leaves a mixed index marked done
-    remove(_report_url(out_dir, url))
-    rep = ShardReport(url=redact(url))
+    remove(_report_url(out_dir, ident))
+    rep = ShardReport(url=shown)
     builder = IndexPartBuilder(stem, with_counts=with_counts)
     spacing = spacing or DEFAULT_SPACING
     stream, counter, rep.compression = open_shard_stream(url, backend=backend)
-    sidx = SeekIndex(basename(url), rep.compression, 0, 0, spacing) if seek_index else None
+    sidx = SeekIndex(basename(ident), rep.compression, 0, 0, spacing) if seek_index else None
     jpgs: dict[int, tuple[int, int]] = {}
     jsons: set[int] = set()  # indexed records
     seen: set[tuple[int, str]] = set()  # (image id, "jpg"/"json") of every member read
@@ -372,11 +376,11 @@ def index_shard(
     if sidx is not None and rep.complete:
         sidx.uncompressed_size = rep.uncompressed_bytes
         sidx.compressed_size = rep.compressed_bytes
-        sidx.save(join(out_dir, "seek", seek_index_name(url)))
+        sidx.save(join(out_dir, "seek", seek_index_name(ident)))
     result = ShardIndexResult(
         stem, rep, len(builder), builder.num_annotations, time.perf_counter() - t0
     )
-    with atomic_write(_report_url(out_dir, url)) as f:  # commit marker, last
+    with atomic_write(_report_url(out_dir, ident)) as f:  # commit marker, last
         f.write(json.dumps(result.as_dict(), indent=1).encode())
     return result
 

@@ -242,6 +242,42 @@ def test_download_status_resume_md5(http_server, tmp_path, capsys, caplog):
     assert not (out / "sa_000020.tar").exists()
 
 
+def test_index_streams_shards_from_a_links_file_named_by_file_name(
+    http_server, shards, tmp_path, capsys, caplog
+):
+    """The CDN's paths are opaque tokens: parts, reports and the shard column take the
+    links file's names; a rerun skips them; no signature is printed."""
+    base, root, _ = http_server
+    (root / "An_YmP5OIPXun.tar").write_bytes(shards[0].read_bytes())
+    (root / "An-V_ojE_rwIRA.tar").write_bytes(shards[1].read_bytes())
+    links = tmp_path / "SA-1B_links.txt"
+    links.write_text(
+        "file_name\tcdn_link\n"
+        f"sa_000021.tar\t{base}/An-V_ojE_rwIRA.tar?ccb=10-5&oh=SECRET&oe=1\n"
+        f"sa_images_ids.txt\t{base}/ids.txt?oh=SECRET\n"
+        f"sa_000020.tar\t{base}/An_YmP5OIPXun.tar?ccb=10-5&oh=SECRET&oe=1\n"
+    )
+    out = tmp_path / "idx"
+    assert main(["index", "--links", str(links), "--out", str(out), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "sa_000020.tar: 4 images" in printed and "sa_000021.tar: 4 images" in printed
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "sa_000020.parquet",
+        "sa_000021.parquet",
+    ]
+    images = pd.read_parquet(out / "images")
+    assert sorted(images.shard.unique()) == ["sa_000020", "sa_000021"]
+    assert len(images) == 8 and not (out / "seek").exists()
+    # by name, resumable
+    assert main(["index", "--links", str(links), "sa_000020.tar", "--out", str(out)]) == 0
+    assert "sa_000020.tar: already indexed" in capsys.readouterr().out
+    assert main(["index", "--links", str(links), "sa_000099.tar", "--out", str(out)]) == 2
+    assert "no link for sa_000099.tar" in caplog.text
+    assert main(["index", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "SECRET" not in captured.out + captured.err + caplog.text
+
+
 def test_download_never_promotes_an_incomplete_file(http_server, tmp_path, capsys):
     """A .part that is not the whole file is not renamed on a 416; a body cut short is
     kept as .part (resumable) and reported; a .part that is the whole file is kept."""
