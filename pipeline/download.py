@@ -50,14 +50,19 @@ def _read_text(url: str, what: str) -> str:
         raise ValueError(f"{redact(url)}: not a text file (expected {what})") from None
 
 
+_LINK_ROW = re.compile(r"\s*[^\t]+\t\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
 def read_links(url: str) -> dict[str, str]:
-    """``{file_name: cdn_link}`` from an ``SA-1B_links.txt`` TSV."""
+    """``{file_name: cdn_link}`` from an ``SA-1B_links.txt`` TSV (its header line may be
+    missing: ``grep`` output of its rows)."""
     text = _read_text(url, "an SA-1B links file")
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines or lines[0].split("\t")[:2] != ["file_name", "cdn_link"]:
+    header = bool(lines) and [c.strip() for c in lines[0].split("\t")[:2]] == ["file_name", "cdn_link"]
+    if not lines or not (header or _LINK_ROW.match(lines[0])):
         raise ValueError(f"{redact(url)}: not an SA-1B links file (header file_name<TAB>cdn_link)")
     out = {}
-    for i, ln in enumerate(lines[1:], start=2):
+    for i, ln in enumerate(lines[1:] if header else lines, start=2 if header else 1):
         parts = ln.split("\t")
         if len(parts) < 2 or not parts[1].strip():
             raise ValueError(f"{redact(url)}:{i}: expected file_name<TAB>cdn_link")

@@ -587,3 +587,20 @@ def test_coco_refuses_non_finite_numbers(tmp_path, caplog):
     assert "sa_000012.tar: sa_2.json: malformed record" in caplog.text
     coco = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in output"))
     assert sorted(i["id"] for i in coco["images"]) == [1, 3]
+
+
+def test_links_rows_without_their_header_read_like_the_file(tmp_path):
+    from pipeline.download import read_links
+
+    full = tmp_path / "SA-1B_links.txt"
+    full.write_text("file_name\tcdn_link\nsa_000021.tar\thttps://c/b.tar?oh=S\nsa_000020.tar\thttps://c/a.tar?oh=S\n")
+    grepped = tmp_path / "few.txt"
+    grepped.write_text("".join(ln + "\n" for ln in full.read_text().splitlines()[1:]))
+    assert read_links(str(grepped)) == read_links(str(full)) == {
+        "sa_000021.tar": "https://c/b.tar?oh=S",
+        "sa_000020.tar": "https://c/a.tar?oh=S",
+    }
+    other = tmp_path / "list.txt"
+    other.write_text("sa_000020.tar\nsa_000021.tar\n")  # not links
+    with pytest.raises(ValueError, match="not an SA-1B links file"):
+        read_links(str(other))
