@@ -127,3 +127,12 @@ def test_pictures_of_an_empty_index_and_of_values_over_the_whole_range(tmp_path)
     draw_stats(full, str(tmp_path / "full.png"))
     for name in ("empty.png", "full.png"):
         assert Image.open(tmp_path / name).size == (1100, 750)
+
+
+def test_stats_of_an_index_on_s3(index_dir, s3_bucket):
+    bucket, fs = s3_bucket
+    fs.put(str(index_dir), f"{bucket}/idx", recursive=True)
+    st = index_stats(f"s3://{bucket}/idx")
+    local = index_stats(str(index_dir))
+    assert (st.shards, st.images, st.annotations) == (local.shards, local.images, local.annotations)
+    assert st.as_dict()["relative_size"] == local.as_dict()["relative_size"]
