@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io import basename, exists, join, list_dir, open_url, redact, url_to_fs
@@ -161,8 +162,14 @@ def index_parts(path: str) -> tuple[str, str, list[str], list[str]]:
 
 
 def _part(fs: Any, root: str, table: str, name: str) -> pq.ParquetFile:
-    _, p = url_to_fs(join(root, table, f"{name}.parquet"))
-    return pq.ParquetFile(p, filesystem=fs)
+    url = join(root, table, f"{name}.parquet")
+    _, p = url_to_fs(url)
+    try:
+        return pq.ParquetFile(p, filesystem=fs)
+    except FileNotFoundError:
+        raise StatsError(f"{redact(url)}: missing (shard {name} is listed as done)") from None
+    except (OSError, pa.ArrowException) as e:
+        raise StatsError(f"{redact(url)}: not a readable Parquet file ({e})") from None
 
 
 def index_stats(

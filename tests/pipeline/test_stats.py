@@ -136,3 +136,13 @@ def test_stats_of_an_index_on_s3(index_dir, s3_bucket):
     local = index_stats(str(index_dir))
     assert (st.shards, st.images, st.annotations) == (local.shards, local.images, local.annotations)
     assert st.as_dict()["relative_size"] == local.as_dict()["relative_size"]
+
+
+def test_a_missing_or_damaged_part_is_named(index_dir, caplog):
+    part = index_dir / "annotations" / "sa_000001.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+    assert main(["stats", str(index_dir)]) == 1
+    assert "annotations/sa_000001.parquet: not a readable Parquet file" in caplog.text
+    part.unlink()
+    assert main(["stats", str(index_dir)]) == 1
+    assert "annotations/sa_000001.parquet: missing" in caplog.text
