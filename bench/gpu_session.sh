@@ -18,6 +18,8 @@ OUTDIR=${1:?usage: gpu_session.sh OUTDIR [TRAIN_MINUTES] [BUDGET_SECONDS]}
 MINUTES=${2:-4.5}
 BUDGET=${3:-570}
 BENCH=${BENCH:-1}  # BENCH=0: training only
+# prompt sampling of the training stage (sam.train --data): stage 9's
+DATA=${DATA:-'{"hard_weight": 2.0, "weighted_prompts": 1, "p_centre_point": 0.3, "point_offset": 0.0}'}
 BENCH_SECONDS=$((BENCH ? 330 : 0))  # amg (ViTs, tiny) and predictor phases
 mkdir -p "$OUTDIR"
 # training time: what the budget leaves after start-up (~40 s) and the benchmarks
@@ -59,7 +61,7 @@ mkdir -p /tmp/train
     $PY -m sam.train --out /tmp/train/sam_tiny.pth --init sam/weights/sam_tiny.pth \
     --device "${DEVICE:-cuda}" --seed 1 --steps 100000 --batch "${BATCH:-32}" --prompts 32 --workers "${WORKERS:-14}" \
     --lr 6e-4 --warmup 50 --max-minutes "$MAX_MINUTES" --save-every 100 --log-every 25 \
-    --no-progress
+    --data "$DATA" --no-progress
 if [ -f /tmp/train/sam_tiny.json ]; then  # written only when training ended cleanly
     cp /tmp/train/sam_tiny.pth /tmp/train/sam_tiny.json "$OUTDIR"/
 elif [ -f /tmp/train/sam_tiny.pth ]; then  # killed: the last periodic save, marked so
