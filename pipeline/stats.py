@@ -27,7 +27,7 @@ from pipeline.io import basename, exists, join, list_dir, open_url, redact, url_
 __all__ = ["BINS", "IndexStats", "StatsError", "draw_stats", "index_parts", "index_stats", "pyplot"]
 
 BINS = 1000
-# (column, label, range): values outside the range land in its first or last bin
+# histogram -> (axis label, range): values outside the range land in its first or last bin
 _RANGES = {
     "size": ("relative mask size sqrt(mask area / image area)", (0.0, 1.0)),
     "predicted_iou": ("predicted IoU", (0.0, 1.2)),  # no sigmoid: can exceed 1
