@@ -179,25 +179,16 @@ def index_stats(
     called once per shard read; ``parts``: :func:`index_parts` of ``path`` if known."""
     layout, root, names, damaged = index_parts(path) if parts is None else parts
     fs, _ = url_to_fs(root)
-    image_ids, image_area = [], []
-    counts = np.zeros(1, np.int64)
-    images = 0
+    image_ids, image_area, num_masks = [np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0, np.int64)]
     for name in names:
         t = _part(fs, root, "images", name).read(columns=["image_id", "width", "height", "num_annotations"])
-        ids = t.column("image_id").to_numpy()
-        image_ids.append(ids)
+        image_ids.append(t.column("image_id").to_numpy())
         image_area.append(
             t.column("width").to_numpy().astype(np.float64) * t.column("height").to_numpy()
         )
-        n = t.column("num_annotations").to_numpy()
-        if len(n):
-            b = np.bincount(n)
-            if len(b) > len(counts):
-                counts = np.pad(counts, (0, len(b) - len(counts)))
-            counts[: len(b)] += b
-        images += len(ids)
-    ids = np.concatenate(image_ids) if image_ids else np.zeros(0, np.int64)
-    area = np.concatenate(image_area) if image_area else np.zeros(0)
+        num_masks.append(t.column("num_annotations").to_numpy().astype(np.int64))
+    ids, area = np.concatenate(image_ids), np.concatenate(image_area)
+    counts = np.bincount(np.concatenate(num_masks), minlength=1)
     order = np.argsort(ids, kind="stable")
     ids, area = ids[order], area[order]
     if len(ids) > 1 and (np.diff(ids) == 0).any():
@@ -221,7 +212,7 @@ def index_stats(
             annotations += batch.num_rows
         if progress is not None:
             progress()
-    return IndexStats(path, layout, len(names), images, annotations, counts, hists, damaged)
+    return IndexStats(path, layout, len(names), len(ids), annotations, counts, hists, damaged)
 
 
 def pyplot() -> Any:
@@ -246,9 +237,9 @@ def draw_stats(stats: IndexStats, out: str) -> None:
     plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
-    n = stats.masks_per_image
+    per_image = stats.masks_per_image
     ax = axes[0][0]
-    ax.bar(np.arange(len(n)), n, width=1.0, color="#4477aa")
+    ax.bar(np.arange(len(per_image)), per_image, width=1.0, color="#4477aa")
     ax.set_xlabel("masks per image")
     ax.set_ylabel("images")
     for ax, key in zip((axes[0][1], axes[1][0], axes[1][1]), _RANGES):
@@ -270,8 +261,7 @@ def draw_stats(stats: IndexStats, out: str) -> None:
             med = h.quantile(0.5)
             ax.axvline(med, color="black", linestyle="--", linewidth=1)
             ax.annotate(f" median {med:.3f}", (med, 0.95), xycoords=("data", "axes fraction"))
-    s = stats.as_dict()
-    mpi = s["masks_per_image"]["mean"]
+    mpi = stats.masks_per_image_summary()["mean"]
     fig.suptitle(
         f"{basename(stats.source.rstrip('/')) or stats.source}: {stats.shards} shards, "
         f"{stats.images:,} images, {stats.annotations:,} masks"
