@@ -4,10 +4,12 @@
 
 For each model: wall time per image of both generators, the speed-up, record counts, and
 a per-stage breakdown (ours: encoder, decoder, upsampling+filtering, NMS, RLE encoding;
-the reference: encoder, decoder+upsampling, the rest). On CUDA also images/s in fp32 and
-bf16, peak GPU memory, and bf16's agreement with fp32 (the records matched both ways, and
-the decoder's masks and predicted IoUs over a point grid); ``vit_h`` joins the default
-models on CUDA. "fp32" means PyTorch's defaults, the same for both sides: matmuls in
+the reference: encoder, decoder+upsampling, the rest). On CUDA also images/s in fp32,
+bf16, and bf16 with the resize on the GPU (``resize="torch"``, also with the images in one
+``generate_batch`` call), their per-stage times,
+peak GPU memory, and agreement with fp32 (the records matched both ways, and the
+decoder's masks and predicted IoUs over a point grid); ``--profile ROWS`` adds the top
+operators of one bf16 generate; ``vit_h`` joins the default models on CUDA. "fp32" means PyTorch's defaults, the same for both sides: matmuls in
 full fp32, convolutions allowed TF32 by cuDNN.
 
 Note: `vit_b` runs with seeded random weights (no official weights here); its masks are
@@ -51,7 +53,9 @@ def _instrument_reference(gen, timings):
     wrap(pred, "predict_torch", "decoder+upsample")
 
 
-def run_model(name: str, images, preset: str, device: str, overrides: dict | None = None) -> None:
+def run_model(
+    name: str, images, preset: str, device: str, overrides: dict | None = None, profile: int = 0
+) -> None:
     import segment_anything
 
     from sam.amg import PRESETS, SamAutomaticMaskGenerator
@@ -102,7 +106,7 @@ def run_model(name: str, images, preset: str, device: str, overrides: dict | Non
         del rgen, ref
         gc.collect()
         torch.cuda.empty_cache()
-        precision_rows(ours, images, settings)
+        precision_rows(ours, images, settings, profile)
 
 
 def _best_ious(a: list[dict], b: list[dict]) -> np.ndarray:
@@ -151,34 +155,85 @@ def decoder_agreement(model, image: np.ndarray, n: int = 16, batch: int = 64) ->
             f"predicted IoU |diff| mean {dq.mean():.4f} max {dq.max():.4f}")
 
 
-def precision_rows(ours, images, settings: dict) -> None:
-    """CUDA: our generator in fp32 and bf16: images/s, peak memory, and agreement."""
+# (precision, resize, all images in one generate_batch call)
+CUDA_CONFIGS = [("fp32", "pil", False), ("bf16", "pil", False), ("bf16", "torch", False),
+                ("bf16", "torch", True)]
+
+
+def precision_rows(ours, images, settings: dict, profile: int = 0) -> None:
+    """CUDA: our generator in fp32 and bf16 (and bf16 with the resize on the GPU):
+    images/s, per-stage times, peak memory, and each one's agreement with fp32."""
     from sam.amg import SamAutomaticMaskGenerator
 
     k = len(images)
     res = {}
-    for prec in ["fp32", "bf16"]:
-        g = SamAutomaticMaskGenerator(ours, output_mode="binary_mask", precision=prec, **settings)
-        g.generate(images[0][1])  # warm-up
+    for prec, resize, together in CUDA_CONFIGS:
+        g = SamAutomaticMaskGenerator(
+            ours, output_mode="binary_mask", precision=prec, resize=resize, **settings
+        )
+        # warm-up in the same call form: a batch of crops meets new kernel shapes (cuDNN
+        # builds an attention plan per shape), which a single image does not warm
+        if together:
+            g.generate_batch([im for _, im in images])
+        else:
+            g.generate(images[0][1])
+        g.timings.clear()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        out = [g.generate(im) for _, im in images]
+        if together:
+            out = g.generate_batch([im for _, im in images])
+        else:
+            out = [g.generate(im) for _, im in images]
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
-        res[prec] = out
-        print(f"   {prec}: {k / dt:.2f} img/s, {dt / k * 1e3:.0f} ms/image, "
+        name = prec if resize == "pil" else f"{prec}+{resize}-resize"
+        name += "+generate_batch" if together else ""
+        res[name] = out
+        print(f"   {name}: {k / dt:.2f} img/s, {dt / k * 1e3:.0f} ms/image, "
               f"{sum(map(len, out)) / k:.1f} masks/image, peak GPU memory "
               f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    fwd = np.concatenate([_best_ious(a, b) for a, b in zip(res["fp32"], res["bf16"])])
-    bwd = np.concatenate([_best_ious(b, a) for a, b in zip(res["fp32"], res["bf16"])])
-    if len(fwd) and len(bwd):
-        print(f"   bf16 vs fp32 records: {len(fwd)} fp32, {len(bwd)} bf16; matched at IoU 0.9: "
-              f"{np.mean(fwd >= 0.9) * 100:.1f}% of fp32, {np.mean(bwd >= 0.9) * 100:.1f}% of "
-              f"bf16; mean best-match IoU {fwd.mean():.4f}")
-    else:
-        print(f"   bf16 vs fp32 records: no masks to compare ({len(fwd)} fp32, {len(bwd)} bf16)")
+        print(f"   {name} per stage (ms/image): " + ", ".join(
+            f"{s} {v / k * 1e3:.1f}" for s, v in g.timings.items()))
+    for name in list(res)[1:]:
+        a, b = res["fp32"], res[name]
+        fwd = np.concatenate([_best_ious(x, y) for x, y in zip(a, b)])
+        bwd = np.concatenate([_best_ious(y, x) for x, y in zip(a, b)])
+        if len(fwd) and len(bwd):
+            print(f"   {name} vs fp32 records: {len(fwd)} fp32, {len(bwd)} {name}; matched at "
+                  f"IoU 0.9: {np.mean(fwd >= 0.9) * 100:.1f}% of fp32, "
+                  f"{np.mean(bwd >= 0.9) * 100:.1f}% of {name}; mean best-match IoU "
+                  f"{fwd.mean():.4f}")
+        else:
+            print(f"   {name} vs fp32 records: no masks to compare ({len(fwd)} fp32, "
+                  f"{len(bwd)} {name})")
     print("   " + decoder_agreement(ours, images[0][1]))
+    if profile:
+        g = SamAutomaticMaskGenerator(
+            ours, output_mode="binary_mask", precision="bf16", resize="torch", **settings
+        )
+        profile_rows(g, images[0][1], profile)
+
+
+def profile_rows(gen, image: np.ndarray, rows: int) -> None:
+    """The operators of one warm ``generate`` by GPU time and by host time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen.generate(image)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        gen.generate(image)
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            print(f"   profile of one bf16 generate, by {key}:")
+            print(table.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+            break
+        except (AttributeError, KeyError, ValueError, RuntimeError):
+            continue
+    print("   by self CPU time:")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 
 
 def main() -> None:
@@ -192,6 +247,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--pred-iou-thresh", type=float, default=None)
     ap.add_argument("--stability-score-thresh", type=float, default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="CUDA: also profile one bf16 generate and print its top ROWS operators")
     args = ap.parse_args()
     overrides = {k: v for k, v in [("pred_iou_thresh", args.pred_iou_thresh),
                                    ("stability_score_thresh", args.stability_score_thresh)]
@@ -200,7 +257,7 @@ def main() -> None:
     print("images: " + ", ".join(f"{n} {im.shape[1]}x{im.shape[0]}" for n, im in images))
     models = args.models or ["tiny", "vit_b", *(["vit_h"] if args.device == "cuda" else [])]
     for m in models:
-        run_model(m, images, args.preset, args.device, overrides)
+        run_model(m, images, args.preset, args.device, overrides, args.profile)
 
 
 if __name__ == "__main__":

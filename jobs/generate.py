@@ -56,6 +56,7 @@ _GENERATOR_FLAGS: list[tuple[str, str, Any, str]] = [
     ),
     ("--min-mask-region-area", "min_mask_region_area", int, "remove holes/islands below this area"),
     ("--precision", "precision", str, "fp32, bf16 or fp16 (autocast) for encoder and decoder"),
+    ("--resize", "resize", str, "pil (the reference's, on the CPU) or torch (on the GPU)"),
 ]
 
 

@@ -198,6 +198,10 @@ class RunSummary:
 # ----------------------------------------------------------------------------- settings
 
 
+# generator options that postdate recorded runs, with the value those runs implied
+LATER_OPTIONS = {"resize": "pil"}
+
+
 def _generator_defaults() -> dict[str, Any]:
     from sam.amg import generator_defaults
 
@@ -223,6 +227,11 @@ def resolve_generator_settings(preset: str, overrides: dict[str, Any]) -> dict[s
         check_generator_args(settings)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"generator settings: {e}") from None
+    # options added after runs were recorded: kept only when they differ from the
+    # behaviour those runs had, so an earlier run's manifest still matches on resume
+    for k, v in LATER_OPTIONS.items():
+        if settings.get(k) == v:
+            del settings[k]
     return settings
 
 

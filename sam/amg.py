@@ -31,7 +31,7 @@ from torchvision.ops import batched_nms
 from . import amg_ops as ops
 from . import runtime
 from .model import Sam
-from .predictor import PRECISIONS, SamPredictor, as_rgb_uint8
+from .predictor import PRECISIONS, RESIZES, SamPredictor, as_rgb_uint8
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,8 @@ def check_generator_args(settings: Mapping[str, Any]) -> None:
         raise ValueError(
             f"precision must be one of {', '.join(PRECISIONS)}, got {a['precision']!r}"
         )
+    if a["resize"] not in RESIZES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {a['resize']!r}")
     for name in ("pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
                  "box_nms_thresh", "crop_nms_thresh", "crop_overlap_ratio"):  # fmt: skip
         if not math.isfinite(a[name]):  # NaN would silently switch a filter off
@@ -143,6 +145,7 @@ class SamAutomaticMaskGenerator:
         *,
         batch_size: int | None = None,
         precision: str = "fp32",
+        resize: str = "pil",
         max_upsample_pixels: int | None = None,
     ) -> None:
         """Arguments as in the reference generator. Extra keyword-only options:
@@ -150,6 +153,9 @@ class SamAutomaticMaskGenerator:
         batch_size: point prompts per decoder pass (default: sized to the device).
             `points_per_batch` is kept for compatibility; results do not depend on it.
         precision: "fp32", "bf16" or "fp16" for encoder and decoder (autocast).
+        resize: "pil" (the reference's resize, on the CPU) or "torch" (antialiased
+            bilinear on the model's device: on a GPU it takes the resize off the CPU;
+            masks agree with "pil" to IoU ~0.99, see `SamPredictor`).
         max_upsample_pixels: bound on full-resolution logits held at once (memory).
         """
         check_generator_args(locals())  # every argument, before any work
@@ -159,7 +165,7 @@ class SamAutomaticMaskGenerator:
             )
         else:
             self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
-        self.predictor = SamPredictor(model, precision=precision)
+        self.predictor = SamPredictor(model, precision=precision, resize=resize)
         self.model = model
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh

@@ -7,6 +7,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def storage_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype when running under autocast without autograd, else None.
+
+    In inference under autocast the decoder keeps its largest tensors (per-prompt image
+    tokens, upscaled features) in this dtype: autocast alone would return LayerNorm's
+    output in fp32 and cast it back for every product, moving each tensor three times."""
+    if torch.is_grad_enabled():
+        return None
+    dev = x.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except TypeError:  # torch < 2.4
+        on = torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()
+    if not on:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(dev)
+    return torch.get_autocast_cpu_dtype() if dev == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last axis; under autocast in inference the result stays in the
+    autocast dtype (the kernel still accumulates in fp32), see `storage_dtype`."""
+    dt = storage_dtype(x)
+    if dt is None:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x.to(dt), x.shape[-1:], weight.to(dt), bias.to(dt), eps)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of an NCHW tensor."""
 
@@ -18,7 +48,7 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the fused layer_norm kernel over a channels-last view: same maths, one pass
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        y = layer_norm(x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps)
         return y.permute(0, 3, 1, 2)
 
 

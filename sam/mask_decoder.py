@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, FeedForward, LayerNorm2d
+from .common import MLP, FeedForward, LayerNorm2d, layer_norm, storage_dtype
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -18,8 +18,13 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inplace: bool = False):
-    """``acc + a @ b``, fused when the dtypes agree; otherwise the sum is promoted, as
+    """``acc + a @ b``, fused when the dtypes agree or ``acc`` has the lowest (it is kept
+    in the autocast dtype, see `storage_dtype`); otherwise the sum is promoted, as
     ``acc + attention`` is in the direct evaluation under autocast."""
+    if a.dtype != acc.dtype and acc.element_size() < a.element_size():
+        a = a.to(acc.dtype)
+    if b.dtype != acc.dtype and acc.element_size() < b.element_size():
+        b = b.to(acc.dtype)
     if acc.dtype == a.dtype == b.dtype:
         return acc.baddbmm_(a, b) if inplace else torch.baddbmm(acc, a, b)
     return acc + _bmm(a, b)
@@ -183,10 +188,11 @@ class TwoWayAttentionBlock(nn.Module):
         # the attention broadcasts it and the sum below gives each prompt its own copy.
         i2t = self.cross_attn_image_to_token
         if self.token_side and i2t.cheaper_on_token_side(q.shape[1]):
-            keys = self.norm4(i2t.image_to_tokens(k, q, queries, residual=keys))
+            keys = i2t.image_to_tokens(k, q, queries, residual=keys)
         else:
-            keys = self.norm4(keys + i2t(k, q, queries))
-        return queries, keys
+            keys = keys + i2t(k, q, queries)
+        n4 = self.norm4
+        return queries, layer_norm(keys, n4.weight, n4.bias, n4.eps)
 
 
 class TwoWayTransformer(nn.Module):
@@ -230,6 +236,9 @@ class TwoWayTransformer(nn.Module):
         """
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
+        dt = storage_dtype(keys)
+        if dt is not None:  # inference under autocast: image tokens in its dtype
+            keys, key_pe = keys.to(dt), key_pe.to(dt)
         queries = point_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, point_embedding, key_pe)

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
 PRECISIONS = tuple(_DTYPES)
+RESIZES = ("pil", "torch")
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -82,7 +83,7 @@ class SamPredictor:
         super().__init__()
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
-        if resize not in ("pil", "torch"):
+        if resize not in RESIZES:
             raise ValueError(f"resize must be 'pil' or 'torch', got {resize!r}")
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)

@@ -118,6 +118,29 @@ def test_bad_generator_settings_are_refused_before_anything_is_recorded(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_options_added_later_keep_earlier_runs_resumable():
+    """A generator option added after runs were recorded (resize) is recorded only when it
+    differs from the behaviour those runs had: a rerun of an earlier command still
+    matches its manifest, and a run that asks for the new behaviour is told apart."""
+    from pipeline.driver import ConfigError, resolve_generator_settings
+    from pipeline.manifest import RunConflictError, check_compatible
+
+    before = resolve_generator_settings("default", {})
+    assert "resize" not in before
+    assert resolve_generator_settings("default", {"resize": "pil"}) == before
+    torch_resize = resolve_generator_settings("default", {"resize": "torch"})
+    assert torch_resize == {**before, "resize": "torch"}
+    with pytest.raises(ConfigError, match="resize must be one of pil, torch"):
+        resolve_generator_settings("default", {"resize": "lanczos"})
+
+    def manifest(settings):
+        return {"version": 1, "generator": {"preset": "default", "settings": settings}}
+
+    check_compatible(manifest(before), manifest(resolve_generator_settings("default", {})), "o")
+    with pytest.raises(RunConflictError, match="resize: recorded None, now 'torch'"):
+        check_compatible(manifest(before), manifest(torch_resize), "o")
+
+
 def test_a_run_whose_workers_cannot_start_records_nothing(tmp_path, monkeypatch):
     """Workers that cannot start (a wrong remote checkpoint, a cluster without the
     resources) leave no run behind, so the corrected command is not refused as a

@@ -138,6 +138,21 @@ def test_png_rerun_replaces_the_folder(image_dir, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_resize_on_the_device(image_dir, tmp_path):
+    """--resize torch: the same masks up to resampling rounding (most records keep
+    their point), and a bad value is refused by the parser."""
+    runs = {}
+    for how in ("pil", "torch"):
+        out = tmp_path / how
+        args = ["--input", str(image_dir / "b.png"), "--output", str(out), "--convert-to-rle"]
+        assert main([*args, "--resize", how, *FAST]) == 0
+        runs[how] = {tuple(r["point_coords"][0]) for r in json.loads((out / "b.json").read_text())}
+    assert len(runs["pil"]) >= 3
+    assert len(runs["pil"] & runs["torch"]) >= 0.8 * len(runs["pil"] | runs["torch"])
+    with pytest.raises(SystemExit):
+        main(["--input", str(image_dir), "--output", str(tmp_path / "x"), "--resize", "cubic"])
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
