@@ -227,11 +227,11 @@ def profile_rows(gen, image: np.ndarray, rows: int) -> None:
     table = prof.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:
-            print(f"   profile of one bf16 generate, by {key}:")
-            print(table.table(sort_by=key, row_limit=rows, max_name_column_width=60))
-            break
+            text = table.table(sort_by=key, row_limit=rows, max_name_column_width=60)
         except (AttributeError, KeyError, ValueError, RuntimeError):
             continue
+        print(f"   profile of one bf16 generate, by {key}:\n{text}")
+        break
     print("   by self CPU time:")
     print(table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 

@@ -27,10 +27,13 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_cpu_dtype() if dev == "cpu" else torch.get_autocast_gpu_dtype()
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last axis; under autocast in inference the result stays in the
-    autocast dtype (the kernel still accumulates in fp32), see `storage_dtype`."""
-    dt = storage_dtype(x)
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, keep_autocast_dtype: bool = True
+) -> torch.Tensor:
+    """LayerNorm over the last axis; with ``keep_autocast_dtype``, under autocast in
+    inference the result stays in the autocast dtype (the kernel still accumulates in
+    fp32), see `storage_dtype`. Otherwise exactly ``F.layer_norm``."""
+    dt = storage_dtype(x) if keep_autocast_dtype else None
     if dt is None:
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     with torch.autocast(x.device.type, enabled=False):
@@ -38,17 +41,21 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel axis of an NCHW tensor."""
+    """LayerNorm over the channel axis of an NCHW tensor. ``keep_autocast_dtype``: see
+    `layer_norm` (the decoder's upscaling sets it; the encoder keeps fp32 outputs)."""
 
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+    def __init__(self, num_channels: int, eps: float = 1e-6, keep_autocast_dtype: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
         self.eps = eps
+        self.keep_autocast_dtype = keep_autocast_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the fused layer_norm kernel over a channels-last view: same maths, one pass
-        y = layer_norm(x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps)
+        y = layer_norm(
+            x.permute(0, 2, 3, 1), self.weight, self.bias, self.eps, self.keep_autocast_dtype
+        )
         return y.permute(0, 3, 1, 2)
 
 

@@ -18,13 +18,11 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _add_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, inplace: bool = False):
-    """``acc + a @ b``, fused when the dtypes agree or ``acc`` has the lowest (it is kept
-    in the autocast dtype, see `storage_dtype`); otherwise the sum is promoted, as
-    ``acc + attention`` is in the direct evaluation under autocast."""
-    if a.dtype != acc.dtype and acc.element_size() < a.element_size():
-        a = a.to(acc.dtype)
-    if b.dtype != acc.dtype and acc.element_size() < b.element_size():
-        b = b.to(acc.dtype)
+    """``acc + a @ b``, fused when the dtypes agree or, in inference under autocast,
+    when ``acc`` is in the autocast dtype (see `storage_dtype`); otherwise the sum is
+    promoted, as ``acc + attention`` is in the direct evaluation under autocast."""
+    if acc.dtype == storage_dtype(acc):  # inference under autocast: see storage_dtype
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
     if acc.dtype == a.dtype == b.dtype:
         return acc.baddbmm_(a, b) if inplace else torch.baddbmm(acc, a, b)
     return acc + _bmm(a, b)
@@ -281,7 +279,7 @@ class MaskDecoder(nn.Module):
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
-            LayerNorm2d(transformer_dim // 4),
+            LayerNorm2d(transformer_dim // 4, keep_autocast_dtype=True),
             activation(),
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             activation(),

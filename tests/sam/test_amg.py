@@ -29,10 +29,15 @@ def models():
     device = os.environ.get("SAM_TEST_DEVICE", "cpu")
     ours = sam_model_registry["tiny"]()
     ref = build_reference_sam(model_config("tiny"), ours.state_dict())
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if not device.startswith("cuda"):
+        yield ours.to(device), ref.to(device)
+        return
+    cudnn_tf32, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
     yield ours.to(device), ref.to(device)
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    torch.set_float32_matmul_precision(matmul)
 
 
 def _mask(seg, size=None) -> np.ndarray:
@@ -257,7 +262,9 @@ def test_resize_on_device_agrees_with_pil(models):
     image = scene(seed=20_005, h=533, w=801)
     kw = dict(points_per_side=16, output_mode="coco_rle", **LOOSE)
     pil = SamAutomaticMaskGenerator(ours, **kw).generate(image)
-    dev = SamAutomaticMaskGenerator(ours, resize="torch", **kw).generate(image)
+    gen = SamAutomaticMaskGenerator(ours, resize="torch", **kw)
+    assert gen.predictor.resize == "torch"
+    dev = gen.generate(image)
     assert len(pil) >= 10
     pairs, un_pil, un_dev = match(pil, dev)
     assert len(pairs) >= 0.9 * max(len(pil), len(dev)), (un_pil, un_dev)

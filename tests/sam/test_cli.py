@@ -138,15 +138,26 @@ def test_png_rerun_replaces_the_folder(image_dir, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_resize_on_the_device(image_dir, tmp_path):
-    """--resize torch: the same masks up to resampling rounding (most records keep
-    their point), and a bad value is refused by the parser."""
+def test_resize_on_the_device(image_dir, tmp_path, monkeypatch):
+    """--resize torch resizes with torch (counted) and gives the same masks up to
+    resampling rounding (most records keep their point); a bad value is refused."""
+    from sam.transforms import ResizeLongestSide
+
+    calls = []
+    original = ResizeLongestSide.apply_image_torch
+
+    def counted(self, image):
+        calls.append(image.shape)
+        return original(self, image)
+
+    monkeypatch.setattr(ResizeLongestSide, "apply_image_torch", counted)
     runs = {}
     for how in ("pil", "torch"):
         out = tmp_path / how
         args = ["--input", str(image_dir / "b.png"), "--output", str(out), "--convert-to-rle"]
         assert main([*args, "--resize", how, *FAST]) == 0
         runs[how] = {tuple(r["point_coords"][0]) for r in json.loads((out / "b.json").read_text())}
+        assert len(calls) == (how == "torch")  # one image: one resize on the device
     assert len(runs["pil"]) >= 3
     assert len(runs["pil"] & runs["torch"]) >= 0.8 * len(runs["pil"] | runs["torch"])
     with pytest.raises(SystemExit):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,23 +89,26 @@ def test_bad_options(tiny):
 def test_decoder_image_tokens_stay_in_autocast_dtype_for_inference(tiny):
     """Under autocast without autograd the per-prompt image tokens (the decoder's largest
     tensors) stay bf16 end to end and agree with fp32 to bf16 rounding; with autograd
-    (training) and without autocast the arithmetic is unchanged."""
-    dec = tiny.mask_decoder
+    (training) and without autocast they stay fp32. On SAM_TEST_DEVICE (default cpu;
+    CUDA's autocast differs)."""
+    device = os.environ.get("SAM_TEST_DEVICE", "cpu")
+    model = tiny.to(device)
+    dec = model.mask_decoder
     c = dec.transformer_dim
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(1, c, 16, 16, generator=g)
-    pe = torch.randn(1, c, 16, 16, generator=g)
-    tokens = torch.randn(5, 7, c, generator=g)  # 5 prompts over one shared image
+    image, pe = (torch.randn(1, c, 16, 16, generator=g).to(device) for _ in range(2))
+    tokens = torch.randn(5, 7, c, generator=g).to(device)  # 5 prompts over one shared image
+    dense = torch.zeros(1, c, 16, 16, device=device)
     with torch.no_grad():
         q32, k32 = dec.transformer(image, pe, tokens)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             q16, k16 = dec.transformer(image, pe, tokens)
-            low_res, _ = dec.predict_masks(image, pe, tokens[:, 2:], torch.zeros(1, c, 16, 16))
+            low_res, _ = dec.predict_masks(image, pe, tokens[:, 2:], dense)
     assert k32.dtype == torch.float32 and k16.dtype == torch.bfloat16
     assert low_res.dtype == torch.bfloat16
     rel = (k16.float() - k32).norm() / k32.norm()
     assert 1e-4 < rel < 3e-2  # bf16 rounding: present, and small
     assert (q16.float() - q32).norm() / q32.norm() < 3e-2
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autograd on: as in training
+    with torch.autocast(device, dtype=torch.bfloat16):  # autograd on: as in training
         _, k_train = dec.transformer(image, pe, tokens)
     assert k_train.dtype == torch.float32
