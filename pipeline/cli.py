@@ -59,10 +59,21 @@ def _check_inputs(paths: Sequence[str]) -> None:
 # ----------------------------------------------------------------------------- info
 
 
+def _shard_inputs(args: argparse.Namespace, shards: Sequence[str]) -> list[tuple[str, str]]:
+    """``[(url, name shown), ...]``: the shards given, or with ``--links`` those names
+    (default: every shard) streamed from an SA-1B links file, shown by file name (the
+    CDN's paths are opaque and its query strings secret)."""
+    if args.links:
+        return _shards_from_links(args.links, [basename(s) for s in shards])
+    if not shards:
+        raise UsageError(f"{args.command}: name the shards (or --links SA-1B_links.txt)")
+    _check_inputs(shards)
+    return [(url, basename(url)) for url in shards]
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    _check_inputs(args.shards)
     rows, status = [], EXIT_OK
-    for url in args.shards:
+    for url, name in _shard_inputs(args, args.shards):
         reader = ShardReader(url, load_images=False, md5=args.md5)
         anns = 0
         for rec in reader:
@@ -71,7 +82,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             except (RecordError, KeyError, TypeError) as e:
                 reader.report.bad_records.append((f"sa_{rec.image_id}.json", str(e)))
         rep = reader.report
-        rows.append({**rep.as_dict(), "annotations": anns})
+        rows.append({**rep.as_dict(), "shard": name, "annotations": anns})
         if not rep.ok:
             status = EXIT_PROBLEMS
     if args.json:
@@ -135,13 +146,9 @@ def _shards_from_links(links_url: str, names: Sequence[str]) -> list[tuple[str, 
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    if args.links:
-        jobs = _shards_from_links(args.links, [basename(s) for s in args.shards])
-    elif not args.shards:
-        raise UsageError("index: name the shards to index (or --links SA-1B_links.txt)")
-    else:
-        _check_inputs(args.shards)
-        jobs = [(url, None) for url in args.shards]
+    jobs: list[tuple[str, str | None]] = list(_shard_inputs(args, args.shards))
+    if not args.links:  # parts named after the shard's own path
+        jobs = [(url, None) for url, _ in jobs]
     opts = {
         "with_counts": args.with_counts,
         # a seek index takes a second pass over the shard: not over a CDN link
@@ -571,11 +578,10 @@ def _checklist(path: str | None) -> dict[str, str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    _check_inputs(args.paths)
+    inputs = _shard_inputs(args, args.paths)
     md5s = _checklist(args.md5)
     status = EXIT_OK
-    for url in args.paths:
-        name = basename(url)
+    for url, name in inputs:
         if name.endswith(".json"):
             errs = _validate_json_file(url)
             print(f"{name}: " + ("ok" if not errs else f"{len(errs)} problem(s)"))
@@ -660,8 +666,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    links_help = ("stream the shards from an SA-1B_links.txt (all of them, or the SHARD names "
+                  "given) without storing them")
     s = sub.add_parser("info", help="images, masks, sizes and integrity of shards")
-    s.add_argument("shards", nargs="+", metavar="SHARD")
+    s.add_argument(
+        "shards", nargs="*", metavar="SHARD", help="shard paths or URLs (with --links: names)"
+    )
+    s.add_argument("--links", metavar="LINKS_TXT", help=links_help)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--md5", action="store_true", help="also compute each shard's md5")
     s.set_defaults(func=cmd_info)
@@ -681,8 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--links",
         metavar="LINKS_TXT",
-        help="stream the shards from an SA-1B_links.txt (all of them, or the SHARD names "
-        "given) without storing them; no seek index then (it needs a second pass)",
+        help=links_help + "; no seek index then (it needs a second pass)",
     )
     s.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     s.add_argument("--with-counts", action="store_true", help="store RLE counts strings too")
@@ -743,7 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Schema, consistency (size, ids), RLE integrity (runs sum to h*w, area "
         "and bbox recomputed from the runs), member pairing, stream integrity and md5.",
     )
-    s.add_argument("paths", nargs="+", metavar="SHARD_OR_JSON")
+    s.add_argument(
+        "paths", nargs="*", metavar="SHARD_OR_JSON", help="paths or URLs (with --links: names)"
+    )
+    s.add_argument("--links", metavar="LINKS_TXT", help=links_help)
     s.add_argument(
         "--md5", metavar="CHECKLIST", help="md5sum-format list, e.g. sa1b_md5_checklist.txt"
     )

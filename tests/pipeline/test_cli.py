@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -240,6 +241,36 @@ def test_download_status_resume_md5(http_server, tmp_path, capsys, caplog):
         == 1
     )
     assert not (out / "sa_000020.tar").exists()
+
+
+def test_info_and_validate_stream_from_a_links_file(http_server, shards, tmp_path, capsys, caplog):
+    """info and validate take --links like index: shards by file name, every shard by
+    default, a damaged one reported under its name, and no signature printed."""
+    base, root, _ = http_server
+    (root / "An_YmP5OIPXun.tar").write_bytes(shards[0].read_bytes())
+    data = shards[1].read_bytes()
+    (root / "An-V_ojE_rwIRA.tar").write_bytes(data[: len(data) // 2])  # cut short
+    links = tmp_path / "SA-1B_links.txt"
+    links.write_text(
+        "file_name\tcdn_link\n"
+        f"sa_000020.tar\t{base}/An_YmP5OIPXun.tar?ccb=10-5&oh=SECRET&oe=1\n"
+        f"sa_000021.tar\t{base}/An-V_ojE_rwIRA.tar?ccb=10-5&oh=SECRET&oe=1\n"
+    )
+    assert main(["info", "--links", str(links), "sa_000020.tar", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["shard"] == "sa_000020.tar" and row["images"] == 4 and row["complete"]
+    assert main(["info", "--links", str(links)]) == 1  # both; the cut one is incomplete
+    table = capsys.readouterr().out
+    assert re.search(r"sa_000020\.tar .* 4 .* ok", table)
+    assert re.search(r"sa_000021\.tar .*INCOMPLETE", table)
+    assert main(["validate", "--links", str(links), "sa_000020.tar"]) == 0
+    assert "sa_000020.tar: 4 images, ok" in capsys.readouterr().out
+    assert main(["validate", "--links", str(links)]) == 1
+    assert "sa_000021.tar: " in capsys.readouterr().out
+    assert main(["validate", "--links", str(links), "sa_000099.tar"]) == 2
+    assert main(["info"]) == 2
+    captured = capsys.readouterr()
+    assert "SECRET" not in captured.out + captured.err + caplog.text
 
 
 def test_index_streams_shards_from_a_links_file_named_by_file_name(
