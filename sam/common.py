@@ -28,7 +28,11 @@ def storage_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, keep_autocast_dtype: bool = True
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    keep_autocast_dtype: bool = True,
 ) -> torch.Tensor:
     """LayerNorm over the last axis; with ``keep_autocast_dtype``, under autocast in
     inference the result stays in the autocast dtype (the kernel still accumulates in
@@ -44,7 +48,9 @@ class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of an NCHW tensor. ``keep_autocast_dtype``: see
     `layer_norm` (the decoder's upscaling sets it; the encoder keeps fp32 outputs)."""
 
-    def __init__(self, num_channels: int, eps: float = 1e-6, keep_autocast_dtype: bool = False) -> None:
+    def __init__(
+        self, num_channels: int, eps: float = 1e-6, keep_autocast_dtype: bool = False
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
