@@ -20,7 +20,7 @@ OUTDIR=${1:?usage: gpu_session.sh OUTDIR [TRAIN_MINUTES] [BUDGET_SECONDS]}
 MINUTES=${2:-4.5}
 BUDGET=${3:-570}
 PHASES=" ${PHASES:-tests amg amg_tiny train predictor} "
-# prompt sampling of the training stage (sam.train --data): stage 9's
+# prompt sampling of the training stage (sam.train --data): stages 9 and 10's
 DATA=${DATA:-'{"hard_weight": 2.0, "weighted_prompts": 1, "p_centre_point": 0.3, "point_offset": 0.0}'}
 declare -A CAP=([tests]=90 [amg]=150 [amg_tiny]=90 [predictor]=90)
 AFTER=0  # seconds the phases after training may take
