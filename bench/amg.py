@@ -6,11 +6,11 @@ For each model: wall time per image of both generators, the speed-up, record cou
 a per-stage breakdown (ours: encoder, decoder, upsampling+filtering, NMS, RLE encoding;
 the reference: encoder, decoder+upsampling, the rest). On CUDA also images/s in fp32,
 bf16, and bf16 with the resize on the GPU (``resize="torch"``, also with the images in one
-``generate_batch`` call), their per-stage times,
-peak GPU memory, and agreement with fp32 (the records matched both ways, and the
-decoder's masks and predicted IoUs over a point grid); ``--profile ROWS`` adds the top
-operators of one bf16 generate; ``vit_h`` joins the default models on CUDA. "fp32" means PyTorch's defaults, the same for both sides: matmuls in
-full fp32, convolutions allowed TF32 by cuDNN.
+``generate_batch`` call), their per-stage times, peak GPU memory, and agreement with fp32
+(the records matched both ways, and the decoder's masks and predicted IoUs over a point
+grid); ``--profile ROWS`` adds the top operators of one bf16 generate; ``vit_h`` joins the
+default models on CUDA. "fp32" means PyTorch's defaults, the same for both sides: matmuls
+in full fp32, convolutions allowed TF32 by cuDNN.
 
 Note: `vit_b` runs with seeded random weights (no official weights here); its masks are
 few, so its figures mostly measure the encoder and decoder. The tiny model is trained
@@ -166,6 +166,7 @@ def precision_rows(ours, images, settings: dict, profile: int = 0) -> None:
     from sam.amg import SamAutomaticMaskGenerator
 
     k = len(images)
+    arrays = [im for _, im in images]
     res = {}
     for prec, resize, together in CUDA_CONFIGS:
         g = SamAutomaticMaskGenerator(
@@ -174,17 +175,14 @@ def precision_rows(ours, images, settings: dict, profile: int = 0) -> None:
         # warm-up in the same call form: a batch of crops meets new kernel shapes (cuDNN
         # builds an attention plan per shape), which a single image does not warm
         if together:
-            g.generate_batch([im for _, im in images])
+            g.generate_batch(arrays)
         else:
-            g.generate(images[0][1])
+            g.generate(arrays[0])
         g.timings.clear()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        if together:
-            out = g.generate_batch([im for _, im in images])
-        else:
-            out = [g.generate(im) for _, im in images]
+        out = g.generate_batch(arrays) if together else [g.generate(im) for im in arrays]
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         name = prec if resize == "pil" else f"{prec}+{resize}-resize"

@@ -29,15 +29,15 @@ def models():
     device = os.environ.get("SAM_TEST_DEVICE", "cpu")
     ours = sam_model_registry["tiny"]()
     ref = build_reference_sam(model_config("tiny"), ours.state_dict())
-    if not device.startswith("cuda"):
-        yield ours.to(device), ref.to(device)
-        return
-    cudnn_tf32, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    cuda = device.startswith("cuda")
+    flags = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    if cuda:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
     yield ours.to(device), ref.to(device)
-    torch.backends.cudnn.allow_tf32 = cudnn_tf32
-    torch.set_float32_matmul_precision(matmul)
+    if cuda:
+        torch.backends.cudnn.allow_tf32 = flags[0]
+        torch.set_float32_matmul_precision(flags[1])
 
 
 def _mask(seg, size=None) -> np.ndarray:

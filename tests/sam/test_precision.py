@@ -86,14 +86,13 @@ def test_bad_options(tiny):
         p.set_torch_image(torch.zeros(1, 3, 10, 10), (10, 10))
 
 
-def test_decoder_image_tokens_stay_in_autocast_dtype_for_inference(tiny):
+def test_decoder_image_tokens_stay_in_autocast_dtype_for_inference():
     """Under autocast without autograd the per-prompt image tokens (the decoder's largest
     tensors) stay bf16 end to end and agree with fp32 to bf16 rounding; with autograd
     (training) and without autocast they stay fp32. On SAM_TEST_DEVICE (default cpu;
     CUDA's autocast differs)."""
     device = os.environ.get("SAM_TEST_DEVICE", "cpu")
-    model = tiny.to(device)
-    dec = model.mask_decoder
+    dec = sam_model_registry["tiny"]().to(device).mask_decoder  # the module's fixture stays
     c = dec.transformer_dim
     g = torch.Generator().manual_seed(0)
     image, pe = (torch.randn(1, c, 16, 16, generator=g).to(device) for _ in range(2))
