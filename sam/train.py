@@ -88,6 +88,12 @@ DEFAULT_DATA = {
     # predictor passes px * scale (its prompt encoder adds the half pixel itself), so 0.0
     # matches inference; stages up to 9 used 0.5
     "point_offset": 0.5,
+    # share of object and part prompts that are boxes (the rest are points)
+    "p_box": 0.4,
+    # share of box prompts given as the tight box, as bench.quality and SA-1B's boxes
+    # are; the rest are jittered like SAM's training boxes (normal, 10% of the side,
+    # at most 20 px). Stages up to 10 used 0.0
+    "p_tight_box": 0.0,
 }
 
 
@@ -217,15 +223,18 @@ def make_sample(
     boxes = np.zeros((n, 4), np.float32)
     for j, inst in enumerate(chosen):
         m = scene.masks[inst]
-        if kinds[inst] != "background" and rng.random() < 0.4:
+        if kinds[inst] != "background" and rng.random() < data["p_box"]:
             is_box[j] = True
             ys = np.flatnonzero(m.any(1))
             xs = np.flatnonzero(m.any(0))
             b = np.array(
                 [xs[0] * scale_x, ys[0] * scale_y, (xs[-1] + 1) * scale_x, (ys[-1] + 1) * scale_y]
             )
-            side = np.array([b[2] - b[0], b[3] - b[1]] * 2)
-            b = b + np.clip(rng.normal(0, 0.1, 4) * side, -20, 20)
+            # the extra draw only when asked, so older recipes see the same random stream
+            tight = data["p_tight_box"] > 0 and rng.random() < data["p_tight_box"]
+            if not tight:
+                side = np.array([b[2] - b[0], b[3] - b[1]] * 2)
+                b = b + np.clip(rng.normal(0, 0.1, 4) * side, -20, 20)
             boxes[j] = np.clip(b, 0, [nw, nh, nw, nh])
         else:
             if data["p_centre_point"] > 0 and rng.random() < data["p_centre_point"]:
@@ -771,7 +780,8 @@ def check_data(data: dict | None) -> dict:
         ("small_area", 0 <= d["small_area"] <= 1, "in [0, 1]"),
     ]
     rules.append(("weighted_prompts", d["weighted_prompts"] in (0, 1), "0 or 1"))
-    keys = ("parts_prob", "p_native", "p_jpeg", "p_centre_point", "point_offset")
+    keys = ("parts_prob", "p_native", "p_jpeg", "p_centre_point", "point_offset", "p_box")
+    keys += ("p_tight_box",)
     rules += [(k, 0 <= d[k] <= 1, "in [0, 1]") for k in keys]
     for k, ok, rule in rules:
         if not ok:

@@ -160,6 +160,34 @@ def test_centre_points_and_the_inference_pixel_convention():
         T.check_data({"weighted_prompts": 2})
 
 
+def test_tight_and_jittered_box_prompts():
+    """p_box=1 makes every object and part prompt a box; p_tight_box=1 gives each the
+    instance's tight box in pixel edges (bench.quality's convention), 0 the jittered box
+    of the default recipe."""
+    data = {**T.DEFAULT_DATA, **SMALL_DATA, "p_box": 1.0, "p_tight_box": 1.0}
+    n = jittered = 0
+    for i in range(6):
+        s = T.make_sample(T.scene_seed(0, i, 0, 1), 128, 6, data, target_scale=1)
+        loose = T.make_sample(T.scene_seed(0, i, 0, 1), 128, 6, {**data, "p_tight_box": 0.0})
+        scene = _scene_of(s, data)
+        assert max(scene.height, scene.width) == 128  # native size: boxes are pixels
+        areas = scene.areas()
+        for j in range(len(s["target"])):
+            k = int(np.flatnonzero(areas == round(float(s["target"][j].sum()) * 16))[0])
+            assert bool(s["is_box"][j]) == (scene.kinds[k] != "background")
+            if not s["is_box"][j]:
+                continue
+            m = scene.masks[k]
+            ys, xs = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            want = [xs[0], ys[0], xs[-1] + 1, ys[-1] + 1]
+            assert s["boxes"][j].tolist() == pytest.approx(want)
+            jittered += s["boxes"][j].tolist() != pytest.approx(loose["boxes"][j].tolist())
+            n += 1
+    assert n >= 10 and jittered >= n - 1, (n, jittered)
+    with pytest.raises(ValueError, match="p_tight_box must be in"):
+        T.check_data({"p_tight_box": 1.5})
+
+
 @pytest.mark.parametrize("scale", [2, 4])
 def test_binary_targets_on_a_finer_grid(scale):
     data = {**T.DEFAULT_DATA, **SMALL_DATA}
