@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.io import describe, open_url, redact
+from pipeline.plan import links_rows
 
 __all__ = [
     "DownloadError",
@@ -50,24 +51,14 @@ def _read_text(url: str, what: str) -> str:
         raise ValueError(f"{redact(url)}: not a text file (expected {what})") from None
 
 
-_LINK_ROW = re.compile(r"\s*[^\t]+\t\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-
-
 def read_links(url: str) -> dict[str, str]:
     """``{file_name: cdn_link}`` from an ``SA-1B_links.txt`` TSV (its header line may be
-    missing: ``grep`` output of its rows)."""
-    text = _read_text(url, "an SA-1B links file")
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    header = bool(lines) and [c.strip() for c in lines[0].split("\t")[:2]] == ["file_name", "cdn_link"]
-    if not lines or not (header or _LINK_ROW.match(lines[0])):
+    missing: ``grep`` output of its rows); ``ValueError`` naming the file and line when it
+    is not one."""
+    rows = links_rows(_read_text(url, "an SA-1B links file"), url, every_row=True)
+    if rows is None:
         raise ValueError(f"{redact(url)}: not an SA-1B links file (header file_name<TAB>cdn_link)")
-    out = {}
-    for i, ln in enumerate(lines[1:] if header else lines, start=2 if header else 1):
-        parts = ln.split("\t")
-        if len(parts) < 2 or not parts[1].strip():
-            raise ValueError(f"{redact(url)}:{i}: expected file_name<TAB>cdn_link")
-        out[parts[0].strip()] = parts[1].strip()
-    return out
+    return dict(rows)
 
 
 def read_md5_checklist(url: str) -> dict[str, str]:

@@ -333,16 +333,22 @@ def _text(data: bytes, url: str) -> str:
 
 
 _LINK_ROW = re.compile(r"\s*sa_\d+\.tar\t\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_ANY_LINK_ROW = re.compile(r"\s*[^\t]+\t\s*[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
-def _links_rows(text: str, url: str) -> list[tuple[str, str]] | None:
+def links_rows(text: str, url: str, *, every_row: bool = False) -> list[tuple[str, str]] | None:
     """``[(file_name, link), ...]`` of the shard rows of an SA-1B links file, or ``None``
     when ``text`` is not one: its first line is neither the header
-    ``file_name<TAB>cdn_link`` nor a shard row (``grep`` output without the header)."""
+    ``file_name<TAB>cdn_link`` nor a shard row (``grep`` output without the header).
+
+    ``every_row``: rows of other files count too (and may start a headerless file), for
+    callers that were told the file is a links file; malformed rows raise ``InputError``
+    naming the line either way."""
     start = len(text) - len(text.lstrip())
     first = text[start:].split("\n", 1)[0]  # (peek: a long image list is split once, later)
-    header = tuple(c.strip() for c in first.split("\t")) == LINKS_HEADER
-    if not header and not _LINK_ROW.match(first):
+    cells = first.split("\t")[: 2 if every_row else None]
+    header = tuple(c.strip() for c in cells) == LINKS_HEADER
+    if not header and not (_ANY_LINK_ROW if every_row else _LINK_ROW).match(first):
         return None
     rows, skipped = [], []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -357,7 +363,7 @@ def _links_rows(text: str, url: str) -> list[tuple[str, str]] | None:
                 f"input {redact(url)}: line {n}: expected file_name<TAB>cdn_link (an SA-1B "
                 "links file)"
             )
-        if _SHARD_RE.match(parts[0]):
+        if every_row or _SHARD_RE.match(parts[0]):
             rows.append((parts[0], parts[1]))
         else:
             skipped.append(parts[0])
@@ -399,7 +405,7 @@ def _read_entries(url: str) -> tuple[list[tuple[str, int | None]], list[str] | N
         if ids is not None:
             ids = [_parquet_id(i, n, url) for n, i in enumerate(ids)]
         entries = list(zip(uris, ids or [None] * len(uris)))
-    elif (links := _links_rows(text := _text(data, url), url)) is not None:
+    elif (links := links_rows(text := _text(data, url), url)) is not None:
         return [(link, None) for _, link in links], [name for name, _ in links]
     elif lower.endswith((".csv", ".tsv")):
         reader = csv.DictReader(

@@ -635,3 +635,16 @@ def test_links_rows_without_their_header_read_like_the_file(tmp_path):
     other.write_text("sa_000020.tar\nsa_000021.tar\n")  # not links
     with pytest.raises(ValueError, match="not an SA-1B links file"):
         read_links(str(other))
+    # one parser for both readers: the downloader keeps rows of other files, the job's
+    # list reader takes only the shards; a malformed row is named by its line either way
+    from pipeline.plan import InputError, read_list_file
+
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(full.read_text() + "sa_images_ids.txt\thttps://c/ids.txt\n")
+    assert read_links(str(mixed))["sa_images_ids.txt"] == "https://c/ids.txt"
+    assert [u for u, _ in read_list_file(str(mixed))] == ["https://c/b.tar?oh=S", "https://c/a.tar?oh=S"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text(full.read_text() + "sa_000022.tar\n")
+    for reader in (read_links, read_list_file):
+        with pytest.raises(InputError, match="line 4: expected file_name<TAB>cdn_link"):
+            reader(str(bad))
