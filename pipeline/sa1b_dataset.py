@@ -12,10 +12,19 @@ so the split stays disjoint), and ``shuffle_buffer=N`` also mixes records across
 shards a worker reads through a buffer of N records (SA-1B's members are already in
 random order within a shard). A buffered record holds its JPEG bytes and JSON, not
 decoded pixels or masks: for SA-1B about 1-5 MB each.
+
+Under DistributedDataParallel every rank must run the same number of steps, but shards
+hold different numbers of images, so an epoch of whole shards gives ranks uneven counts
+and the first rank to finish waits forever in a collective. ``samples_per_rank=N`` makes
+every rank yield exactly N items per epoch (split across its DataLoader workers): a
+reader that runs out of its shards reads them again (reordered when ``shuffle``), one
+with more stops at its share; readers never share a shard. ``rank`` and ``world_size``
+override what ``torch.distributed`` reports, for other launchers.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -68,11 +77,22 @@ class SA1BDataset(IterableDataset):
         shuffle: bool = False,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        samples_per_rank: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
         **reader_kwargs: Any,
     ):
         super().__init__()
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if samples_per_rank is not None and samples_per_rank < 1:
+            raise ValueError(f"samples_per_rank must be >= 1, got {samples_per_rank}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give rank and world_size together")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got {rank} of {world_size}")
+        self.samples_per_rank = samples_per_rank
+        self.rank, self.world_size = rank, world_size
         self.shards = list(shards)
         self.transform = transform
         self.shuffle = shuffle
@@ -89,11 +109,11 @@ class SA1BDataset(IterableDataset):
     def _slot(self) -> tuple[int, int, int, int]:
         info = get_worker_info()
         worker, num = (info.id, info.num_workers) if info is not None else (0, 1)
-        rank, world = 0, 1
+        rank, world = (self.rank, self.world_size) if self.world_size is not None else (0, 1)
         try:
             import torch.distributed as dist
 
-            if dist.is_available() and dist.is_initialized():
+            if self.world_size is None and dist.is_available() and dist.is_initialized():
                 rank, world = dist.get_rank(), dist.get_world_size()
         except ImportError:  # pragma: no cover
             pass
@@ -107,13 +127,44 @@ class SA1BDataset(IterableDataset):
             shards = [shards[i] for i in order]
         return shards_for_worker(shards, worker, num, rank, world)
 
-    def _records(self) -> Iterator[SA1BRecord]:
-        for url in self._my_shards():
+    def _read(self, urls: Sequence[str]) -> Iterator[SA1BRecord]:
+        for url in urls:
             reader = ShardReader(url, **self.reader_kwargs)
             try:
                 yield from reader
             finally:
                 self.reports.append(reader.report)
+
+    def _records(self) -> Iterator[SA1BRecord]:
+        if self.samples_per_rank is None:
+            yield from self._read(self._my_shards())
+            return
+        worker, num, rank, world = self._slot()
+        mine = self._my_shards()
+        if not mine:
+            raise ValueError(
+                f"samples_per_rank needs a shard for every reader: {len(self.shards)} shards "
+                f"for {world} rank(s) x {num} DataLoader worker(s)"
+            )
+        for repeat in itertools.count():  # the caller stops at its share
+            urls = mine
+            if repeat and self.shuffle:  # its own shards again, in another order
+                key = [self.seed, self.epoch, rank, worker, 2, repeat]
+                urls = [mine[i] for i in np.random.default_rng(key).permutation(len(mine))]
+            n = 0
+            for rec in self._read(urls):
+                n += 1
+                yield rec
+            if n == 0:
+                raise RuntimeError(f"no records in {', '.join(urls)}: cannot fill samples_per_rank")
+
+    def _share(self) -> int | None:
+        """Items this reader yields: its part of ``samples_per_rank`` (or all)."""
+        if self.samples_per_rank is None:
+            return None
+        worker, num, _, _ = self._slot()
+        base, extra = divmod(self.samples_per_rank, num)
+        return base + (worker < extra)
 
     def __iter__(self) -> Iterator[Any]:
         records = self._records()
@@ -121,8 +172,11 @@ class SA1BDataset(IterableDataset):
             worker, _, rank, _ = self._slot()
             rng = np.random.default_rng([self.seed, self.epoch, rank, worker, 1])
             records = _buffer_shuffle(records, self.shuffle_buffer, rng)
-        for rec in records:
-            yield self.transform(rec) if self.transform else rec
+        try:
+            for rec in itertools.islice(records, self._share()):
+                yield self.transform(rec) if self.transform else rec
+        finally:
+            records.close()  # a share filled mid-shard still closes it, with its report
 
 
 def _buffer_shuffle(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:

@@ -554,3 +554,44 @@ def test_dataset_shuffles_per_epoch_and_still_sees_every_image_once(tmp_path):
     assert len(fresh.reports) == 3 and [r.complete for r in fresh.reports] == [True, True, False]
     with pytest.raises(ValueError, match="shuffle_buffer"):
         SA1BDataset(urls, shuffle_buffer=-1)
+
+
+def test_dataset_gives_every_rank_the_same_count_for_ddp(tmp_path):
+    """Shards of 2, 5, 9 and 3 images over 2 ranks: whole shards give the ranks 11 and 8
+    images (DDP would hang on the shorter); samples_per_rank gives both exactly that
+    many, a short rank rereading its shards, a long one stopping early, no shard on two
+    readers; with 2 DataLoader workers per rank the share is split between them."""
+    torch = pytest.importorskip("torch")
+    from pipeline.sa1b_dataset import SA1BDataset
+    from pipeline.synthetic import write_synthetic_shard
+
+    urls, sizes = [], (2, 5, 9, 3)
+    for s, n in enumerate(sizes):
+        p = tmp_path / f"sa_00000{s}.tar"
+        write_synthetic_shard(str(p), n, first_id=1 + 100 * s, seed=s, h=16, w=16, masks=1)
+        urls.append(str(p))
+
+    def ids(rank, workers=0, **kw):
+        ds = SA1BDataset(urls, transform=lambda r: r.image_id, rank=rank, world_size=2, **kw)
+        return list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+
+    # round-robin: rank 0 reads shards 0 and 2 (11 images), rank 1 shards 1 and 3 (8)
+    assert [len(ids(r)) for r in (0, 1)] == [11, 8]
+    for kw in ({}, {"shuffle": True, "seed": 1}, {"shuffle": True, "shuffle_buffer": 4}):
+        got = [ids(r, samples_per_rank=6, **kw) for r in (0, 1)]
+        assert [len(g) for g in got] == [6, 6], kw
+        assert not {i // 100 for i in got[0]} & {i // 100 for i in got[1]}, kw
+    short = ids(1, samples_per_rank=13)  # 8 images: one pass and 5 more
+    assert len(short) == 13 and len(set(short)) == 8
+    assert sorted(short[:8]) == sorted(set(short))  # a whole pass before any repeat
+    split = ids(0, workers=2, samples_per_rank=7)  # worker 0: shard 0, worker 1: shard 2
+    assert len(split) == 7 and sum(i // 100 == 0 for i in split) == 4
+    with pytest.raises(ValueError, match="samples_per_rank needs a shard for every reader"):
+        list(SA1BDataset(urls[:1], samples_per_rank=4, rank=1, world_size=2))
+    for bad, msg in (
+        ({"samples_per_rank": 0}, "samples_per_rank must be >= 1"),
+        ({"rank": 1}, "rank and world_size together"),
+        ({"rank": 2, "world_size": 2}, r"rank must be in \[0, world_size\)"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            SA1BDataset(urls, **bad)
