@@ -19,7 +19,9 @@ Scenes come from ``sam.scenes.make_scene`` with seeds below ``sam.train.TRAIN_SE
   model fails;
 * grid: distinct confident masks over a 16x16 point grid on the first scene;
 * AMG recall (``--amg``): recall of ground-truth objects at IoU 0.5 and 0.75 by
-  ``sam.SamAutomaticMaskGenerator`` (see :func:`amg_recall`).
+  ``sam.SamAutomaticMaskGenerator`` (see :func:`amg_recall`) and the precision of its
+  masks, at SAM's default thresholds, at the relaxed ones, and at any pairs given with
+  ``--amg-thresholds 0.5/0.8 ...`` (an operating-point sweep).
 """
 
 from __future__ import annotations
@@ -231,15 +233,17 @@ def amg_recall(model, scenes, thresholds=(0.5, 0.75), **amg_kwargs) -> dict | No
 
     Uses ``sam.SamAutomaticMaskGenerator`` (reference-compatible ``generate(image)`` that
     returns records with a boolean ``segmentation``).  A ground-truth instance counts as
-    recalled at threshold t if some generated mask has IoU >= t with it.  Returns None if
-    the generator is not importable.
+    recalled at threshold t if some generated mask has IoU >= t with it; ``precision@0.5``
+    is the share of generated masks at IoU >= 0.5 with some instance (objects, parts or
+    background regions: each is a segment a person would draw).  Returns None if the
+    generator is not importable.
     """
     try:
         from sam import SamAutomaticMaskGenerator
     except ImportError:
         return None
     gen = SamAutomaticMaskGenerator(model, **amg_kwargs)
-    best_all, n_masks, seconds = [], [], 0.0
+    best_all, n_masks, seconds, correct = [], [], 0.0, 0
     for scene in scenes:
         t = time.perf_counter()
         records = gen.generate(scene.image)
@@ -249,10 +253,17 @@ def amg_recall(model, scenes, thresholds=(0.5, 0.75), **amg_kwargs) -> dict | No
             best_all += [0.0] * len(scene.indices("object", "part"))
             continue
         pred = torch.from_numpy(np.stack([np.asarray(r["segmentation"], bool) for r in records]))
-        for i in scene.indices("object", "part"):
-            best_all.append(float(iou(pred, torch.from_numpy(scene.masks[i])).max()))
+        objects = set(scene.indices("object", "part"))
+        hit = torch.zeros(len(records), dtype=torch.bool)
+        for i in range(len(scene.masks)):
+            ious = iou(pred, torch.from_numpy(scene.masks[i]))
+            hit |= ious >= 0.5
+            if i in objects:
+                best_all.append(float(ious.max()))
+        correct += int(hit.sum())
     best = np.array(best_all)
     out = {f"recall@{t}": float((best >= t).mean()) for t in thresholds}
+    out["precision@0.5"] = correct / max(1, sum(n_masks))
     out["masks_per_image"] = float(np.mean(n_masks))
     out["seconds_per_image"] = seconds / max(1, len(scenes))
     return out
@@ -280,6 +291,7 @@ def evaluate(
     grid=16,
     amg_scenes=8,
     detail: list | None = None,
+    amg_thresholds: list[tuple[float, float]] = (),
 ) -> dict:
     """The figures above on ``n_scenes`` held-out scenes; ``detail``, if given, receives
     one dict per object and part (scene seed, index, shape, area share, point and box
@@ -355,7 +367,22 @@ def evaluate(
         )
         if res["amg"] is not None:
             res["amg"]["scenes"] = len(scenes[:amg_scenes])
+        for pi, st in amg_thresholds:
+            res.setdefault("amg_sweep", {})[f"{pi}/{st}"] = amg_recall(
+                model, scenes[:amg_scenes], pred_iou_thresh=pi, stability_score_thresh=st
+            )
     return res
+
+
+def threshold_pair(text: str) -> tuple[float, float]:
+    """``"0.5/0.8"`` -> (pred_iou_thresh, stability_score_thresh), each in [0, 1]."""
+    try:
+        pi, st = (float(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PRED_IOU/STABILITY, got {text!r}") from None
+    if not (0 <= pi <= 1 and 0 <= st <= 1):
+        raise argparse.ArgumentTypeError(f"thresholds must be in [0, 1], got {text!r}")
+    return pi, st
 
 
 def main(argv=None):
@@ -372,6 +399,14 @@ def main(argv=None):
     p.add_argument("--grid", type=int, default=16, help="grid count on scene 0 (0: skip)")
     p.add_argument("--amg", action="store_true", help="also AMG recall@0.5/0.75")
     p.add_argument("--amg-scenes", type=int, default=8, help="scenes for the AMG recall")
+    p.add_argument(
+        "--amg-thresholds",
+        nargs="*",
+        type=threshold_pair,
+        default=[],
+        metavar="P/S",
+        help="with --amg, also these pred_iou/stability threshold pairs (e.g. 0.5/0.8)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--picture", default=None, help="draw the worst point prompts into this PNG")
     p.add_argument("--worst", type=int, default=12, help="how many the picture shows")
@@ -397,6 +432,7 @@ def main(argv=None):
         a.grid,
         a.amg_scenes,
         detail=detail,
+        amg_thresholds=a.amg_thresholds,
     )
     print(
         f"held-out scenes: {res['scenes']} (seeds {res['seeds'][0]}..{res['seeds'][1]}), "
@@ -426,15 +462,16 @@ def main(argv=None):
             f"{res['grid16_distinct_masks_scene0_loose']} (>= {LOOSE[0]}, >= {LOOSE[1]})"
         )
     if a.amg:
-        for key, label in (("amg", "default thresholds"), ("amg_loose", f"thresholds {LOOSE}")):
-            r = res.get(key)
+        rows = [(res.get("amg"), "default thresholds"), (res.get("amg_loose"), f"thresholds {LOOSE}")]
+        rows += [(r, f"thresholds {k}") for k, r in res.get("amg_sweep", {}).items()]
+        for r, label in rows:
             if r is None:
                 print("AMG: sam.SamAutomaticMaskGenerator not importable")
                 break
             print(
                 f"AMG ({label}) recall@0.5: {r['recall@0.5']:.4f}  "
-                f"recall@0.75: {r['recall@0.75']:.4f}  masks/image: {r['masks_per_image']:.1f}  "
-                f"s/image: {r['seconds_per_image']:.2f}"
+                f"recall@0.75: {r['recall@0.75']:.4f}  precision@0.5: {r['precision@0.5']:.4f}  "
+                f"masks/image: {r['masks_per_image']:.1f}  s/image: {r['seconds_per_image']:.2f}"
             )
     if a.picture:
         draw_worst(model, detail, a.picture, a.worst, (a.min_side, a.max_side, a.max_objects))
@@ -450,6 +487,11 @@ def main(argv=None):
             f"--seed-base {a.seed_base} --min-side {a.min_side} --max-side {a.max_side} "
             f"--max-objects {a.max_objects} --grid {a.grid}"
             + (f" --amg --amg-scenes {a.amg_scenes}" if a.amg else "")
+            + (
+                " --amg-thresholds " + " ".join(f"{pi}/{st}" for pi, st in a.amg_thresholds)
+                if a.amg and a.amg_thresholds
+                else ""
+            )
         )
         meta["eval"] = {"command": cmd, **res}
         with open(a.record, "w") as f:

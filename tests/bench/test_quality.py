@@ -49,3 +49,51 @@ def test_picture_of_the_worst_prompts(tmp_path):
 def test_picture_needs_instances(tmp_path):
     with pytest.raises(ValueError, match="no instances"):
         draw_worst(None, [], str(tmp_path / "x.png"))
+
+
+def test_amg_recall_and_precision_hand_computed(monkeypatch):
+    """A stand-in generator returns: object A exactly, 60% of object B's pixels, a
+    background region exactly, and an empty mask. Recall@0.5 counts A and B of the
+    scene's objects and parts, recall@0.75 only A; precision@0.5 is 3 of 4 masks (the
+    background region is a right segment, not a recalled object)."""
+    import argparse
+
+    import numpy as np
+
+    import sam
+    from bench.quality import amg_recall, threshold_pair
+
+    scene = eval_scene(1001)
+    fg = [int(i) for i in scene.indices("object", "part")]
+    bg = [int(i) for i in scene.indices("background")]
+    areas = scene.masks.reshape(len(scene.masks), -1).sum(1)
+    # two objects that no other object or part overlaps much (the parts of an object do)
+    a, b = sorted(fg, key=lambda i: -areas[i])[:2]
+    part_b = scene.masks[b].copy()
+    ys, xs = np.nonzero(part_b)
+    drop = np.argsort(ys * part_b.shape[1] + xs)[int(0.6 * len(ys)) :]
+    part_b[ys[drop], xs[drop]] = False
+    masks = [scene.masks[a], part_b, scene.masks[bg[0]], np.zeros_like(part_b)]
+
+    class Stand:
+        def __init__(self, model, **kw):
+            self.kw = kw
+
+        def generate(self, image):
+            return [{"segmentation": m} for m in masks]
+
+    monkeypatch.setattr(sam, "SamAutomaticMaskGenerator", Stand)
+    out = amg_recall(None, [scene])
+    best = {}
+    for i in fg:
+        g = scene.masks[i]
+        best[i] = max((m & g).sum() / max(1, (m | g).sum()) for m in masks)
+    want5 = np.mean([best[i] >= 0.5 for i in fg])
+    assert out["recall@0.5"] == pytest.approx(want5) and want5 >= 2 / len(fg)
+    assert out["recall@0.75"] == pytest.approx(np.mean([best[i] >= 0.75 for i in fg]))
+    assert out["precision@0.5"] == pytest.approx(0.75)
+    assert out["masks_per_image"] == 4
+    assert threshold_pair("0.5/0.8") == (0.5, 0.8)
+    for bad in ("0.5", "a/b", "0.5/1.2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            threshold_pair(bad)
