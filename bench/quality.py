@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -263,7 +264,8 @@ def amg_recall(model, scenes, thresholds=(0.5, 0.75), **amg_kwargs) -> dict | No
         correct += int(hit.sum())
     best = np.array(best_all)
     out = {f"recall@{t}": float((best >= t).mean()) for t in thresholds}
-    out["precision@0.5"] = correct / max(1, sum(n_masks))
+    # duplicates of one segment all count: the share of masks that are right, not COCO AP
+    out["precision@0.5"] = correct / sum(n_masks) if sum(n_masks) else None
     out["masks_per_image"] = float(np.mean(n_masks))
     out["seconds_per_image"] = seconds / max(1, len(scenes))
     return out
@@ -291,7 +293,7 @@ def evaluate(
     grid=16,
     amg_scenes=8,
     detail: list | None = None,
-    amg_thresholds: list[tuple[float, float]] = (),
+    amg_thresholds: Sequence[tuple[float, float]] = (),
 ) -> dict:
     """The figures above on ``n_scenes`` held-out scenes; ``detail``, if given, receives
     one dict per object and part (scene seed, index, shape, area share, point and box
@@ -367,11 +369,14 @@ def evaluate(
         )
         if res["amg"] is not None:
             res["amg"]["scenes"] = len(scenes[:amg_scenes])
-        for pi, st in amg_thresholds:
-            res.setdefault("amg_sweep", {})[f"{pi}/{st}"] = amg_recall(
-                model, scenes[:amg_scenes], pred_iou_thresh=pi, stability_score_thresh=st
-            )
+        for pi, st in dict.fromkeys(amg_thresholds):  # (each pair once)
+            r = amg_recall(model, scenes[:amg_scenes], pred_iou_thresh=pi, stability_score_thresh=st)
+            res.setdefault("amg_sweep", {})[f"{pi}/{st}"] = r
     return res
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def threshold_pair(text: str) -> tuple[float, float]:
@@ -417,6 +422,8 @@ def main(argv=None):
         help="a checkpoint's metadata JSON to store the results in (key 'eval')",
     )
     a = p.parse_args(argv)
+    if a.amg_thresholds and not a.amg:
+        p.error("--amg-thresholds needs --amg")
     if a.threads:
         torch.set_num_threads(a.threads)
     model = load_model(a.model, a.checkpoint)
@@ -470,7 +477,7 @@ def main(argv=None):
                 break
             print(
                 f"AMG ({label}) recall@0.5: {r['recall@0.5']:.4f}  "
-                f"recall@0.75: {r['recall@0.75']:.4f}  precision@0.5: {r['precision@0.5']:.4f}  "
+                f"recall@0.75: {r['recall@0.75']:.4f}  precision@0.5: {_fmt(r['precision@0.5'])}  "
                 f"masks/image: {r['masks_per_image']:.1f}  s/image: {r['seconds_per_image']:.2f}"
             )
     if a.picture:

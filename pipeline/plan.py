@@ -52,6 +52,7 @@ __all__ = [
     "ShardPlan",
     "ShardSpec",
     "build_plan",
+    "links_rows",
     "shard_stem_of",
 ]
 
@@ -346,8 +347,7 @@ def links_rows(text: str, url: str, *, every_row: bool = False) -> list[tuple[st
     naming the line either way."""
     start = len(text) - len(text.lstrip())
     first = text[start:].split("\n", 1)[0]  # (peek: a long image list is split once, later)
-    cells = first.split("\t")[: 2 if every_row else None]
-    header = tuple(c.strip() for c in cells) == LINKS_HEADER
+    header = tuple(c.strip() for c in first.split("\t")) == LINKS_HEADER
     if not header and not (_ANY_LINK_ROW if every_row else _LINK_ROW).match(first):
         return None
     rows, skipped = [], []

@@ -18,8 +18,10 @@ hold different numbers of images, so an epoch of whole shards gives ranks uneven
 and the first rank to finish waits forever in a collective. ``samples_per_rank=N`` makes
 every rank yield exactly N items per epoch (split across its DataLoader workers): a
 reader that runs out of its shards reads them again (reordered when ``shuffle``), one
-with more stops at its share; readers never share a shard. ``rank`` and ``world_size``
-override what ``torch.distributed`` reports, for other launchers.
+with more stops at its share; readers never share a shard. It needs at least
+``world_size x num_workers`` shards, and ``shuffle=True`` (else a reader with more than
+its share reads the same first items every epoch). ``rank`` and ``world_size`` override
+what ``torch.distributed`` reports, for other launchers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.io import redact
 from pipeline.sa1b_reader import SA1BRecord, ShardReader
 
 __all__ = ["SA1BDataset", "default_sample", "shards_for_worker"]
@@ -140,12 +143,12 @@ class SA1BDataset(IterableDataset):
             yield from self._read(self._my_shards())
             return
         worker, num, rank, world = self._slot()
-        mine = self._my_shards()
-        if not mine:
+        if len(self.shards) < world * num:  # every reader of every rank fails alike
             raise ValueError(
                 f"samples_per_rank needs a shard for every reader: {len(self.shards)} shards "
                 f"for {world} rank(s) x {num} DataLoader worker(s)"
             )
+        mine = self._my_shards()
         for repeat in itertools.count():  # the caller stops at its share
             urls = mine
             if repeat and self.shuffle:  # its own shards again, in another order
@@ -156,7 +159,8 @@ class SA1BDataset(IterableDataset):
                 n += 1
                 yield rec
             if n == 0:
-                raise RuntimeError(f"no records in {', '.join(urls)}: cannot fill samples_per_rank")
+                shown = ", ".join(redact(u) for u in urls[:3]) + (", ..." if len(urls) > 3 else "")
+                raise RuntimeError(f"no records in {shown}: cannot fill samples_per_rank")
 
     def _share(self) -> int | None:
         """Items this reader yields: its part of ``samples_per_rank`` (or all)."""

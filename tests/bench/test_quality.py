@@ -97,3 +97,8 @@ def test_amg_recall_and_precision_hand_computed(monkeypatch):
     for bad in ("0.5", "a/b", "0.5/1.2"):
         with pytest.raises(argparse.ArgumentTypeError):
             threshold_pair(bad)
+    from bench.quality import main
+
+    with pytest.raises(SystemExit) as e:  # a sweep without --amg would silently do nothing
+        main(["--amg-thresholds", "0.5/0.8"])
+    assert e.value.code == 2

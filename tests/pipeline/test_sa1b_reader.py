@@ -584,10 +584,18 @@ def test_dataset_gives_every_rank_the_same_count_for_ddp(tmp_path):
     short = ids(1, samples_per_rank=13)  # 8 images: one pass and 5 more
     assert len(short) == 13 and len(set(short)) == 8
     assert sorted(short[:8]) == sorted(set(short))  # a whole pass before any repeat
-    split = ids(0, workers=2, samples_per_rank=7)  # worker 0: shard 0, worker 1: shard 2
-    assert len(split) == 7 and sum(i // 100 == 0 for i in split) == 4
-    with pytest.raises(ValueError, match="samples_per_rank needs a shard for every reader"):
-        list(SA1BDataset(urls[:1], samples_per_rank=4, rank=1, world_size=2))
+    # 2 ranks x 2 workers: rank 0's worker 0 reads shard 0 (2 images) for its 4, worker 1
+    # shard 1 (5 images) for its 3
+    split = ids(0, workers=2, samples_per_rank=7)
+    assert len(split) == 7 and sorted(i // 100 for i in split) == [0] * 4 + [1] * 3
+    # a share filled mid-shard still closes the shard, with its report
+    ds = SA1BDataset(urls, transform=lambda r: r.image_id, rank=0, world_size=2, samples_per_rank=4)
+    assert len(list(ds)) == 4
+    assert [(r.complete, r.images) for r in ds.reports] == [(True, 2), (False, 2)]
+    # too few shards: every rank refuses, not only the one left without a shard
+    for rank in (0, 1):
+        with pytest.raises(ValueError, match="samples_per_rank needs a shard for every reader"):
+            list(SA1BDataset(urls[:1], samples_per_rank=4, rank=rank, world_size=2))
     for bad, msg in (
         ({"samples_per_rank": 0}, "samples_per_rank must be >= 1"),
         ({"rank": 1}, "rank and world_size together"),
