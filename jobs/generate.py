@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         choices=sorted(PRESETS),
         help=(
-            "named settings: 'default' (the reference's defaults) or 'sa1b' (how SA-1B's "
-            "automatic masks were made); the flags below override single values"
+            "named settings: 'default' (the reference's defaults), 'sa1b' (how SA-1B's "
+            "automatic masks were made) or 'tiny' (thresholds for the bundled tiny model); "
+            "the flags below override single values"
         ),
     )
     for flag, _, typ, hlp in _GENERATOR_FLAGS:

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vit_h, vit_l, vit_b, default (= vit_h) or tiny (bundled weights)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint path or fsspec URL (required for vit_*; tiny is bundled)")
-    p.add_argument("--preset", default="default", help="generator preset: default or sa1b")
+    p.add_argument("--preset", default="default",
+                   help="generator preset: default, sa1b (SA-1B's settings) or tiny (thresholds "
+                   "for the bundled tiny model)")
     p.add_argument("--format", choices=["png", "coco_rle", "sa1b"], default="png",
                    help="png: a folder of mask PNGs + metadata.csv per image (the reference's "
                    "default); coco_rle: one JSON list of records per image; sa1b: one SA-1B "
