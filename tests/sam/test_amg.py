@@ -69,8 +69,8 @@ def match(ref: list[dict], ours: list[dict]) -> tuple[list[tuple[dict, dict]], i
         rs, os_ = list(groups_r.get(k, [])), list(groups_o.get(k, []))
         while rs and os_:
             r = rs.pop()
-            best = max(os_, key=lambda o: _iou(_mask(o["segmentation"]), _mask(r["segmentation"])))
-            os_.remove(best)
+            ious = [_iou(_mask(o["segmentation"]), _mask(r["segmentation"])) for o in os_]
+            best = os_.pop(int(np.argmax(ious)))  # by position: records hold arrays
             pairs.append((r, best))
         un_r += len(rs)
         un_o += len(os_)
