@@ -20,7 +20,8 @@ OUTDIR=${1:?usage: gpu_session.sh OUTDIR [TRAIN_MINUTES] [BUDGET_SECONDS]}
 MINUTES=${2:-4.5}
 BUDGET=${3:-570}
 PHASES=" ${PHASES:-tests amg amg_tiny train predictor} "
-# prompt sampling of the training stage (sam.train --data): stages 9 and 10's
+# the training stage: INIT, SEED, BATCH, PROMPTS, WORKERS, LR, WARMUP, TARGET_SCALE and DATA (prompt
+# sampling, sam.train --data; default stages 9 and 10's) override its arguments
 DATA=${DATA:-'{"hard_weight": 2.0, "weighted_prompts": 1, "p_centre_point": 0.3, "point_offset": 0.0}'}
 declare -A CAP=([tests]=90 [amg]=150 [amg_tiny]=90 [predictor]=90)
 AFTER=0  # seconds the phases after training may take
@@ -68,9 +69,10 @@ train() {
     minutes=$(python3 -c "print(round(min($MINUTES, ($BUDGET - $SECONDS - $AFTER - 60) / 60), 2))")
     if python3 -c "import sys; sys.exit(not $minutes >= 1)"; then
         phase train $(python3 -c "print(int($minutes * 60 + 60))") \
-            $PY -m sam.train --out /tmp/train/sam_tiny.pth --init sam/weights/sam_tiny.pth \
+            $PY -m sam.train --out /tmp/train/sam_tiny.pth --init "${INIT:-sam/weights/sam_tiny.pth}" \
             --device "${DEVICE:-cuda}" --seed "${SEED:-10}" --steps 100000 --batch "${BATCH:-32}" \
-            --prompts 32 --workers "${WORKERS:-14}" --lr "${LR:-6e-4}" --warmup 50 --target-scale 2 \
+            --prompts "${PROMPTS:-32}" --workers "${WORKERS:-14}" --lr "${LR:-6e-4}" --warmup "${WARMUP:-50}" \
+            --target-scale "${TARGET_SCALE:-2}" \
             --max-minutes "$minutes" --save-every 100 --log-every 25 --data "$DATA" --no-progress
     else
         echo "== train skipped: ${minutes} min left" | tee -a "$OUTDIR/session.txt"
