@@ -25,8 +25,10 @@ def _model(tmp: str) -> tuple[str, str | None, dict]:
 
     b = bundled_checkpoint("tiny")
     if b is not None and b.exists():
-        # the shipped tiny model is undertrained: relaxed thresholds so masks are written
-        return "tiny", None, {"pred_iou_thresh": 0.3, "stability_score_thresh": 0.6}
+        # the generator's preset for the tiny model (its scores rarely reach SAM's defaults)
+        from sam.amg import PRESETS
+
+        return "tiny", None, dict(PRESETS["tiny"])
     import torch
 
     from sam import build_sam_from_config, model_config
