@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -917,7 +918,7 @@ def main(argv=None):
         device=a.device,
         init=a.init,
         target_scale=a.target_scale,
-        command="python -m sam.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        command="python -m sam.train " + shlex.join(sys.argv[1:] if argv is None else argv),
     )
     try:
         check_run_args(out=a.out, steps=a.steps, **kw)

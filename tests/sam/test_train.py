@@ -441,3 +441,20 @@ def test_bad_training_arguments_are_refused_before_training(tmp_path, capsys, ar
 def test_metadata_cannot_overwrite_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="use a .pth name"):
         T.train(str(tmp_path / "m.json"), steps=0, config=MICRO)
+
+
+def test_recorded_command_reruns_as_given(tmp_path):
+    """The metadata's command is shell-quoted: split as a shell would, it gives back the
+    arguments of the run, a JSON --data with its spaces and quotes included."""
+    import shlex
+
+    cfg = tmp_path / "micro.json"
+    cfg.write_text(json.dumps(MICRO))
+    out = tmp_path / "m.pth"
+    data = json.dumps({**SMALL_DATA, "hard_weight": 2.0})
+    argv = ["--out", str(out), "--steps", "1", "--config", str(cfg), "--batch", "1",
+            "--prompts", "2", "--threads", "1", "--workers", "0", "--save-every", "0",
+            "--no-progress", "--data", data]  # fmt: skip
+    T.main(argv)
+    command = json.loads(out.with_suffix(".json").read_text())["command"]
+    assert shlex.split(command) == ["python", "-m", "sam.train", *argv]
