@@ -93,10 +93,10 @@ for p in $PHASES; do
     # the ViTs (seeded random weights) at the default preset, 1500x2250 as in the target
     amg) phase amg "${CAP[amg]}" $PY -m bench.amg --models vit_h vit_b --images 2 --size 1500 2250 \
         --profile "${PROFILE:-0}" ;;
-    # the trained tiny model at the relaxed thresholds, where it keeps many masks:
-    # filtering, NMS and RLE run on CUDA
+    # the trained tiny model at its preset, where it keeps many masks: filtering, NMS and
+    # RLE run on CUDA
     amg_tiny) phase amg_tiny "${CAP[amg_tiny]}" $PY -m bench.amg --models tiny --images 2 \
-        --size 1500 2250 --pred-iou-thresh 0.3 --stability-score-thresh 0.6 --profile "${PROFILE:-0}" ;;
+        --size 1500 2250 --preset tiny --profile "${PROFILE:-0}" ;;
     predictor) phase predictor "${CAP[predictor]}" $PY -m bench.predictor --models \
         --gpu-models tiny vit_b vit_h --repeat 3 ;;
     *) echo "== unknown phase $p" | tee -a "$OUTDIR/session.txt" ;;

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  python -m jobs.demo demo_images\n"
-            "  sa1b-generate demo_images demo_out --shard-size 8\n"
+            "  sa1b-generate demo_images demo_out --shard-size 8 --preset tiny\n"
             "  sa1b-generate s3://bucket/images/ s3://bucket/sa1b-out/ --model vit_h \\\n"
             "      --checkpoint s3://bucket/sam_vit_h_4b8939.pth --preset sa1b\n"
             "  sa1b-generate status demo_out"
