@@ -75,12 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seed < 0:
         p.error("--seed must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from pipeline.io import describe, redact
+
     try:
         urls = write_demo_images(args.output, args.num_images, args.size, args.seed)
     except (OSError, ValueError, ImportError) as e:  # no access, a bad URL, no backend
-        print(f"jobs.demo: cannot write {args.output}: {e}", file=sys.stderr)
+        print(f"jobs.demo: cannot write {redact(args.output)}: {describe(e)}", file=sys.stderr)
         return 2
-    log.info("wrote %d demo images to %s", len(urls), args.output)
+    log.info("wrote %d demo images to %s", len(urls), redact(args.output))
     return 0
 
 

@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io import atomic_write, join, list_dir, open_url, redact, remove, scrub
-from pipeline.manifest import retry_io, write_marker
+from pipeline.io import atomic_write, describe, join, list_dir, open_url, redact, remove, scrub
+from pipeline.manifest import http_status, is_transient, retry_io, write_marker
 from pipeline.parquet_index import IndexPartBuilder, write_index_part
 from pipeline.sa1b_writer import ShardWriter, write_image_json
 
@@ -119,6 +119,11 @@ class _Loaded:
     records: list[dict[str, Any]] | None = None
 
 
+class ImageReadError(OSError):
+    """An image could not be read for a reason of the network or the store (after
+    retries): its shard's attempt fails, and nothing of it is committed."""
+
+
 class _ImageFailure(Exception):
     def __init__(self, status: str, reason: str):
         super().__init__(reason)
@@ -136,13 +141,20 @@ def _read_bytes(uri: str, limit: int) -> bytes:
 
     try:
         data = retry_io(read, what=uri)
-    except FileNotFoundError:
-        raise _ImageFailure("missing", "not found") from None
-    except (IsADirectoryError, NotADirectoryError):
-        raise _ImageFailure("missing", "not a file") from None
-    except PermissionError as e:
-        raise _ImageFailure("unreadable", f"access denied: {e}") from None
     except Exception as e:
+        if is_transient(e):
+            # the network or the store, not the image: recording it as failed would make a
+            # rerun skip it for good, so the shard's attempt fails and nothing is committed
+            raise ImageReadError(f"{redact(uri)}: still failing after retries: {describe(e)}") from None
+        if isinstance(e, FileNotFoundError):
+            status = http_status(e.__cause__) if e.__cause__ is not None else None
+            if status in (401, 403):
+                raise _ImageFailure("unreadable", f"access denied (HTTP {status})") from None
+            raise _ImageFailure("missing", "not found") from None
+        if isinstance(e, (IsADirectoryError, NotADirectoryError)):
+            raise _ImageFailure("missing", "not a file") from None
+        if isinstance(e, PermissionError):
+            raise _ImageFailure("unreadable", f"access denied: {e}") from None
         raise _ImageFailure("unreadable", f"{type(e).__name__}: {e}") from None
     if len(data) > limit:
         raise _ImageFailure("too_large", f"more than {limit} bytes")
@@ -606,10 +618,16 @@ class ShardProcessor:
             # the shard could not be read to its end (network, storage): not a property of
             # the input, so nothing is committed and the driver runs the shard again
             raise OSError(f"{shown}: reading failed: {rep.error}")
+        problems = []
         if not rep.complete:
-            report["input_error"] = rep.error or "incomplete"
-        elif rep.unpaired:
-            report["input_error"] = f"unpaired members: {', '.join(rep.unpaired[:10])}"
+            problems.append(rep.error or "incomplete")
+        if rep.unpaired:
+            problems.append(f"unpaired members: {', '.join(rep.unpaired[:10])}")
+        if rep.skipped:  # not sa_<id> members, unsafe names, oversized or duplicate ones
+            shown_skips = ", ".join(f"{n} ({why})" for n, why in rep.skipped[:5])
+            problems.append(f"{len(rep.skipped)} members skipped: {shown_skips}")
+        if problems:
+            report["input_error"] = scrub("; ".join(problems))
 
     # -- generation
     def _generate(self, batch: list[_Loaded]) -> int:
@@ -646,8 +664,9 @@ class ShardProcessor:
         out = _ShardOutput(cfg, task)
         writer = _Writer(out, cfg.prefetch)
         prog = _Progress(progress, task.name, task.attempt)
-        gen_errors = generated = transient = 0
+        gen_errors = generated = transient = unreadable = 0
         first_error: list[str | None] = []
+        first_unreadable: list[str] = []
         try:
             with ThreadPoolExecutor(
                 max(1, cfg.read_threads), thread_name_prefix="sa1b-read"
@@ -655,13 +674,17 @@ class ShardProcessor:
                 batch: list[_Loaded] = []
 
                 def flush() -> None:
-                    nonlocal gen_errors, generated, transient
+                    nonlocal gen_errors, generated, transient, unreadable
                     generated += sum(it.status == "ok" for it in batch)
                     gen_errors += self._generate(batch)
                     for it in batch:
                         transient += it.transient
                         if it.status == "error" and not first_error:
                             first_error.append(it.reason)
+                        if it.status == "unreadable":
+                            unreadable += 1
+                            if not first_unreadable:
+                                first_unreadable.append(f"{redact(it.uri)}: {it.reason}")
                         writer.put(it)
                         prog.add(1, len(it.records or ()))
                     batch.clear()
@@ -671,6 +694,13 @@ class ShardProcessor:
                     if sum(b.status == "ok" for b in batch) >= cfg.batch_images:
                         flush()
                 flush()
+                if task.source is None and task.items and unreadable == len(task.items):
+                    # no image could be read (expired credentials, a bucket denied): more
+                    # likely the run's access than every image, so nothing is committed
+                    raise RuntimeError(
+                        f"{task.name}: none of its {unreadable} images could be read; "
+                        f"first: {first_unreadable[0]}"
+                    )
                 if (transient and not task.final) or (gen_errors and gen_errors == generated):
                     # nothing of this attempt is committed: a transient failure (out of
                     # memory, a GPU error) gets another chance, on another worker

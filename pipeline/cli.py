@@ -120,8 +120,9 @@ def _index_one(
     except (ShardFormatError, OSError) as e:
         return {"shard": shown, "complete": False, "error": scrub(str(e)), "fatal": True}
     except Exception as e:  # a defect, not bad input: still one row, the other shards go on
-        log.exception("%s: indexing failed", shown)
-        error = scrub(f"{type(e).__name__}: {e}")
+        # (no traceback: the messages of store clients hold whole URLs, signatures too)
+        error = describe(e)
+        log.error("%s: indexing failed: %s", shown, error)
         return {"shard": shown, "complete": False, "error": error, "fatal": True}
 
 
@@ -222,12 +223,15 @@ def _records(
     seek_dir: str | None,
     load_images: bool = True,
     damaged: list[tuple[str, str]] | None = None,
+    images: bool = True,
 ) -> Iterator[SA1BRecord]:
     """Records of ``urls`` (only ``ids`` when given; via seek indexes when found).
 
-    A damaged shard (corrupt or truncated) gives the records before the damage; it is
-    logged once and appended to ``damaged`` as ``(shard, error)`` so that the command
-    can fail instead of presenting a partial result as complete."""
+    A damaged shard (corrupt or truncated, or with members it could not use: a JSON or
+    image without its partner, names that are no ``sa_<id>`` member) gives the records it
+    could read; it is logged once and appended to ``damaged`` as ``(shard, error)`` so
+    that the command can fail instead of presenting a partial result as complete.
+    ``images=False``: every JSON member is a record, with or without its image."""
     for url in urls:
         idx = _seek_index_for(url, seek_dir) if ids else None
         if idx is not None:
@@ -241,7 +245,7 @@ def _records(
                         continue
                     yield rec
             continue
-        reader = ShardReader(url, load_images=load_images)
+        reader = ShardReader(url, load_images=load_images, images=images)
         for rec in reader:
             if ids is None or rec.image_id in ids:
                 yield rec
@@ -255,6 +259,13 @@ def _records(
             )
             if damaged is not None:
                 damaged.append((rep.url, rep.error or "incomplete"))
+        elif rep.unpaired or rep.skipped:
+            unused = [f"{m} (no partner)" for m in rep.unpaired]
+            unused += [f"{name} ({why})" for name, why in rep.skipped]
+            error = f"{len(unused)} members not used: {', '.join(unused[:5])}"
+            log.error("%s: %s", rep.url, scrub(error))
+            if damaged is not None:
+                damaged.append((rep.url, scrub(error)))
 
 
 # ----------------------------------------------------------------------------- extract
@@ -368,7 +379,8 @@ def _write_coco(
     n_ann = bad = 0
     f.write(b'{"annotations": [')
     first = True
-    recs = _records(args.shards, ids, args.seek_dir, load_images=False, damaged=damaged)
+    # the JSON alone makes a COCO record: outputs written without images convert too
+    recs = _records(args.shards, ids, args.seek_dir, load_images=False, damaged=damaged, images=False)
     for rec in recs:
         try:  # the whole record first: a malformed one leaves nothing behind
             image, outs = _coco_entries(rec, args.sa1b_bbox)
@@ -807,6 +819,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except Exception as e:  # a store client's error (aiohttp's ...), or a defect
+        import traceback
+
+        log.error("%s", describe(e))
+        log.debug("%s", scrub("".join(traceback.format_exception(e))))  # -vv: where it came from
+        return EXIT_PROBLEMS
 
 
 if __name__ == "__main__":

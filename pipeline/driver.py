@@ -43,7 +43,7 @@ from pipeline.manifest import (
     check_compatible,
     committed_shards,
     load_manifest,
-    read_markers,
+    run_markers,
     write_json,
     write_manifest,
 )
@@ -736,7 +736,7 @@ def dry_run(cfg: GenerateConfig) -> dict[str, Any]:
     except Exception:  # prepare_run reports an unreachable output
         recorded = None
     manifest, plan, _ = prepare_run(cfg, record=False)
-    done = committed_shards(cfg.output) if recorded is not None else set()
+    done = set(run_markers(cfg.output, manifest["run_id"])) if recorded is not None else set()
     planned = [s.name for s in plan.shards]
     return {
         "input": redact(cfg.input),
@@ -780,7 +780,8 @@ def run_generation(cfg: GenerateConfig) -> RunSummary:
         new_run = False
     manifest, plan, wcfg = prepare_run(cfg)
     run_id = manifest["run_id"]
-    done_before = committed_shards(cfg.output)
+    # valid markers of this run only: a malformed one, or one of another run, is redone
+    done_before = set(run_markers(cfg.output, run_id))
     todo = [s for s in plan.shards if s.name not in done_before]
     log.info(
         "%d shards planned, %d already committed, %d to do",
@@ -822,8 +823,7 @@ def run_generation(cfg: GenerateConfig) -> RunSummary:
                 import ray
 
                 ray.shutdown()
-    markers = read_markers(cfg.output)
-    markers = {k: m for k, m in markers.items() if m.get("run_id") == run_id}
+    markers = run_markers(cfg.output, run_id)
     planned = {s.name for s in plan.shards}
     committed = planned & set(markers)
     summary = RunSummary(
@@ -858,6 +858,19 @@ def run_generation(cfg: GenerateConfig) -> RunSummary:
     with contextlib.suppress(Exception):  # informative only; markers are the truth
         write_json(join(cfg.output, RUN_DIR, "last_run.json"), summary.as_dict())
     return summary
+
+
+def _committed_by(out: str, run_id: str, shards: list[str]) -> dict[str, dict[str, Any]]:
+    """The markers of run ``run_id`` among ``shards`` (those committed), by name; none
+    when the markers cannot be read (the shards are then redone, as before)."""
+    from pipeline.manifest import read_markers
+
+    try:
+        markers = read_markers(out, set(shards))  # a shard without a marker is left out
+    except Exception as e:
+        log.warning("could not check for commit markers of %s: %s", ", ".join(shards), describe(e))
+        return {}
+    return {k: m for k, m in markers.items() if m.get("run_id") == run_id}
 
 
 def _dispatch(
@@ -928,6 +941,19 @@ def _dispatch(
             for key, (di, dm) in counts.items():
                 shown.add(tuple(key), di, dm)
 
+    def record(shard: ShardSpec, attempt: int, marker: dict[str, Any]) -> None:
+        """A committed shard: its counts and progress."""
+        nonlocal images, annotations
+        done = int(marker.get("images_ok", 0)) + int(marker.get("images_failed", 0))
+        masks = int(marker.get("annotations", 0))
+        images += done
+        annotations += masks
+        shown.committed((shard.name, attempt), done, masks)
+        sbar.update(1)
+        dt = max(1e-9, time.perf_counter() - t0)
+        sbar.set_postfix_str(f"{images / dt:.2f} img/s, {annotations / dt:.1f} masks/s")
+        ibar.set_postfix_str(f"{shown.masks} masks")
+
     def fail_remaining(reason: str) -> None:
         while queue_:
             s = queue_.popleft()
@@ -981,21 +1007,19 @@ def _dispatch(
                     else:
                         pool.drop(slot, f"it died while on {running[0][0].name}, and workers "
                                   f"were replaced {pool.replaced} times already")  # fmt: skip
+                    # a shard may have committed just before its worker died: redoing it
+                    # would rewrite a committed shard file by file
+                    committed = _committed_by(cfg.output, pool.wcfg.run_id, [s2.name for s2, _ in lost])
                     for s2, a2 in lost:
-                        give_up_or_requeue(s2, a2, reason, (s2, a2) in running)
+                        if s2.name in committed:
+                            record(s2, a2, committed[s2.name])
+                        else:
+                            give_up_or_requeue(s2, a2, reason, (s2, a2) in running)
                     continue
                 except ray.exceptions.RayError as e:
                     give_up_or_requeue(shard, attempt, _cause(e), True)
                     continue
-                done = int(marker.get("images_ok", 0)) + int(marker.get("images_failed", 0))
-                masks = int(marker.get("annotations", 0))
-                images += done
-                annotations += masks
-                shown.committed((shard.name, attempt), done, masks)
-                sbar.update(1)
-                dt = max(1e-9, time.perf_counter() - t0)
-                sbar.set_postfix_str(f"{images / dt:.2f} img/s, {annotations / dt:.1f} masks/s")
-                ibar.set_postfix_str(f"{shown.masks} masks")
+                record(shard, attempt, marker)
     finally:
         sbar.close()
         ibar.close()

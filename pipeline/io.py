@@ -76,6 +76,26 @@ def describe(e: BaseException) -> str:
     return scrub(f"{type(e).__name__}: {e}")
 
 
+# client libraries of the stores whose errors are not OSErrors (aiohttp's
+# ClientResponseError for an HTTP status, botocore's, ...): retried, and wrapped
+CLIENT_MODULES = ("botocore", "aiohttp", "urllib3", "requests")
+
+
+def is_client_error(e: BaseException) -> bool:
+    return (type(e).__module__ or "").startswith(CLIENT_MODULES)
+
+
+class StoreError(OSError):
+    """A store client's failure that is no OSError, as one: its message scrubbed (an
+    aiohttp error shows the whole URL, a signature included) and its HTTP ``status``
+    kept. Raised ``from None``: the original, URL and all, goes nowhere."""
+
+    def __init__(self, e: BaseException):
+        super().__init__(describe(e))
+        status = getattr(e, "status", None)
+        self.status = status if isinstance(status, int) else None
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or a URL."""
     if "://" in base:

@@ -30,7 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pipeline.io import basename, exists, join, list_dir, open_url, redact, write_bytes
+from pipeline.io import (
+    basename,
+    exists,
+    is_client_error,
+    join,
+    list_dir,
+    open_url,
+    redact,
+    write_bytes,
+)
 
 __all__ = [
     "MANIFEST_VERSION",
@@ -39,10 +48,12 @@ __all__ = [
     "check_compatible",
     "committed_shards",
     "format_status",
+    "http_status",
     "is_transient",
     "load_manifest",
     "marker_url",
     "read_markers",
+    "run_markers",
     "retry_io",
     "run_status",
     "write_json",
@@ -67,14 +78,27 @@ class RunConflictError(ValueError):
 # ----------------------------------------------------------------------------- retries
 
 
+def http_status(e: BaseException) -> int | None:
+    """The HTTP status of a failed request (aiohttp's ``ClientResponseError``), else None."""
+    status = getattr(e, "status", None)
+    return status if isinstance(status, int) and 100 <= status < 600 else None
+
+
 def is_transient(e: BaseException) -> bool:
     """Whether an I/O error is worth retrying (network, throttling, 5xx), not a user error."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(e, FileNotFoundError):
+        # fsspec's HTTP filesystem reports any failed request for a file's size (refused
+        # connection, 503, 403) as not found, with the real error as the cause
+        cause = e.__cause__
+        return cause is not None and not isinstance(cause, FileNotFoundError) and is_transient(cause)
+    if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    status = http_status(e)
+    if status is not None and status < 500:
+        return status in (408, 425, 429)  # timeout, too early, too many requests
     if isinstance(e, (TimeoutError, ConnectionError)):
         return True
-    mod = type(e).__module__ or ""
-    if mod.startswith(("botocore", "aiohttp", "urllib3", "requests")):
+    if is_client_error(e):
         return True
     return isinstance(e, OSError)
 
@@ -137,11 +161,14 @@ def load_manifest(out: str) -> dict[str, Any] | None:
     if not retry_io(lambda: exists(url), what=url):
         return None
     try:
-        return _read_json(url)
+        manifest = _read_json(url)
     except ValueError as e:
         raise RunConflictError(
             f"output {redact(out)}: {RUN_DIR}/manifest.json is not valid JSON ({e})"
         ) from None
+    if not isinstance(manifest, dict):
+        raise RunConflictError(f"output {redact(out)}: {RUN_DIR}/manifest.json is not a JSON object")
+    return manifest
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -225,9 +252,10 @@ def read_index(out: str, table: str = "annotations", **kwargs: Any) -> Any:
 
     if table not in INDEX_TABLES:
         raise ValueError(f"table must be one of {', '.join(INDEX_TABLES)}, got {table!r}")
-    if load_manifest(out) is None:  # a typo must not look like an empty result
+    manifest = load_manifest(out)
+    if manifest is None:  # a typo must not look like an empty result
         raise FileNotFoundError(f"{redact(out)}: no generation run here (no {RUN_DIR}/manifest.json)")
-    shards = sorted(committed_shards(out))
+    shards = sorted(run_markers(out, manifest.get("run_id")))
     fs, root = url_to_fs(join(out, "index", table))
     paths = [f"{root.rstrip('/')}/{s}.parquet" for s in shards]
     if not paths:
@@ -240,19 +268,44 @@ def read_index(out: str, table: str = "annotations", **kwargs: Any) -> Any:
 
 
 def read_markers(out: str, shards: set[str] | None = None, threads: int = 16) -> dict[str, dict]:
-    """The commit markers of ``out`` by shard name (read concurrently)."""
+    """The commit markers of ``out`` by shard name (read concurrently). A marker that is
+    not a JSON object naming its shard (truncated, edited by hand) is left out with a
+    warning: its shard counts as not committed and a rerun makes it again."""
     names = sorted(committed_shards(out) if shards is None else shards)
     if not names:
         return {}
 
     def read(name: str) -> tuple[str, dict | None]:
+        url = marker_url(out, name)
         try:
-            return name, _read_json(marker_url(out, name))
+            m = _read_json(url)
         except FileNotFoundError:
             return name, None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            log.warning("%s: not a commit marker (%s); the shard counts as not committed", redact(url), e)
+            return name, None
+        if not isinstance(m, dict) or m.get("shard", name) != name:
+            log.warning("%s: not a commit marker of %s; the shard counts as not committed", redact(url), name)
+            return name, None
+        return name, m
 
     with ThreadPoolExecutor(min(threads, len(names))) as pool:
         return {n: m for n, m in pool.map(read, names) if m is not None}
+
+
+def run_markers(out: str, run_id: str) -> dict[str, dict]:
+    """The valid commit markers of run ``run_id`` in ``out``: what is committed for that
+    run. Markers of another run (left by a run whose ``_run`` folder was removed) are left
+    out with a warning, so their shards are made again, not taken for this run's."""
+    markers = read_markers(out)
+    foreign = sorted(k for k, m in markers.items() if m.get("run_id") != run_id)
+    if foreign:
+        log.warning(
+            "%s: %d commit markers belong to another run than %s (first: %s); their shards "
+            "count as not committed",
+            redact(out), len(foreign), run_id, foreign[0],
+        )  # fmt: skip
+    return {k: m for k, m in markers.items() if m.get("run_id") == run_id}
 
 
 # ----------------------------------------------------------------------------- status
@@ -310,9 +363,7 @@ def run_status(out: str) -> RunStatus:
         shards_total=int(plan.get("num_shards", len(shard_names))),
         images_planned=plan.get("num_images"),
     )
-    markers = read_markers(out)
-    run_id = manifest.get("run_id")
-    markers = {k: m for k, m in markers.items() if m.get("run_id") == run_id}
+    markers = run_markers(out, manifest.get("run_id"))
     st.shards_committed = len(markers)
     for name, m in markers.items():
         st.images_ok += int(m.get("images_ok", 0))

@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipeline.io import basename, describe, open_url, redact
+from pipeline.io import StoreError, basename, describe, is_client_error, open_url, redact
 
 __all__ = [
     "Member",
@@ -127,7 +127,14 @@ class _CountingReader:
         self.md5 = hashlib.md5() if md5 else None
 
     def read(self, n: int) -> bytes:
-        b = self.raw.read(n)
+        try:
+            b = self.raw.read(n)
+        except OSError:
+            raise
+        except Exception as e:  # a ranged GET's 403 or 503 comes as aiohttp's error
+            if is_client_error(e):
+                raise StoreError(e) from None
+            raise
         self.nbytes += len(b)
         if self.md5 is not None:
             self.md5.update(b)

@@ -139,10 +139,13 @@ def _names(url: str, suffix: str) -> list[str]:
 def index_parts(path: str) -> tuple[str, str, list[str], list[str]]:
     """``(layout, table root, shard names, damaged shard names)`` of the index at ``path``;
     :class:`StatsError` when ``path`` holds neither layout."""
-    from pipeline.manifest import RUN_DIR, committed_shards
+    from pipeline.manifest import RUN_DIR, load_manifest, run_markers
 
     if exists(join(path, RUN_DIR, "manifest.json")):
-        return "generation output", join(path, "index"), sorted(committed_shards(path)), []
+        markers = run_markers(path, load_manifest(path)["run_id"])
+        # an SA-1B input shard found damaged: its readable images were committed
+        damaged = sorted(k for k, m in markers.items() if m.get("input_error"))
+        return "generation output", join(path, "index"), sorted(markers), damaged
     if exists(join(path, "_reports")):
         damaged = []
         names = _names(join(path, "_reports"), ".json")

@@ -74,6 +74,8 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path.startswith("/expired/"):
             return self._html(403, b"<!DOCTYPE html><html><body>URL signature expired</body></html>", head)
+        if path.startswith("/down/"):  # a server error for any file there
+            return self._html(503, b"<html><body>Service Unavailable</body></html>", head)
         if path.startswith("/fake200/"):  # a 200 with an HTML page instead of the file
             return self._html(200, b"<html><body>Please log in</body></html>", head)
         file = Path(self.server.root) / path.lstrip("/")

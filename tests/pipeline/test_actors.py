@@ -421,3 +421,70 @@ def test_background_reader_passes_items_and_errors_through():
         for x in _background(failing(), 2):
             got.append(x)
     assert got == list(range(5))
+
+
+def test_images_the_network_fails_on_are_not_committed_as_failed(
+    tmp_path, model_files, http_server, monkeypatch
+):
+    """A 404 is a missing image, recorded; a server error that outlasts the retries is the
+    network's, not the image's: the shard's attempt fails, naming the image (without its
+    signature), and nothing is committed, so a rerun tries the image again."""
+    from pipeline.actors import ImageReadError
+    from pipeline.manifest import marker_url
+
+    monkeypatch.setattr("time.sleep", lambda s: None)  # retry_io's backoff
+    base, www, _ = http_server
+    (www / "ok.jpg").write_bytes(image_bytes(1))
+    out = tmp_path / "out"
+    proc = ShardProcessor(_config(out, model_files))
+    items = ((1, f"{base}/ok.jpg"), (2, f"{base}/gone.jpg?sig=SECRET"))
+    marker = proc.process(ShardTask(0, "sa_000000", items))
+    assert (marker["images_ok"], marker["images_failed"]) == (1, 1)
+    assert marker["failures"][0]["status"] == "missing" and "SECRET" not in json.dumps(marker)
+
+    items = ((1, f"{base}/ok.jpg"), (2, f"{base}/down/b.jpg?sig=SECRET"))
+    with pytest.raises(ImageReadError, match=r"down/b\.jpg: still failing after retries") as e:
+        proc.process(ShardTask(1, "sa_000001", items))
+    assert "SECRET" not in str(e.value)
+    assert not os.path.exists(marker_url(str(out), "sa_000001"))
+    assert not (out / "sa_000001.tar").exists() and hidden_files(out) == []
+
+
+def test_a_shard_none_of_whose_images_can_be_read_is_not_committed(
+    tmp_path, model_files, http_server
+):
+    """Every image denied (credentials expired, a bucket closed): more likely the run's
+    access than the images, so the shard is not committed with all of them failed; one
+    denied image among readable ones is recorded."""
+    from pipeline.manifest import marker_url
+
+    base, www, _ = http_server
+    (www / "ok.jpg").write_bytes(image_bytes(1))
+    out = tmp_path / "out"
+    proc = ShardProcessor(_config(out, model_files))
+    denied = ((1, f"{base}/expired/a.jpg"), (2, f"{base}/expired/b.jpg"))
+    with pytest.raises(RuntimeError, match=r"none of its 2 images could be read; first: .*a\.jpg"):
+        proc.process(ShardTask(0, "sa_000000", denied))
+    assert not os.path.exists(marker_url(str(out), "sa_000000"))
+    marker = proc.process(ShardTask(1, "sa_000001", ((3, f"{base}/ok.jpg"), denied[0])))
+    assert marker["images_ok"] == 1
+    assert marker["failures"][0]["status"] == "unreadable"
+    assert "access denied (HTTP 403)" in marker["failures"][0]["reason"]
+
+
+def test_input_shard_with_skipped_members_is_reported_damaged(tmp_path, model_files):
+    """An input tar whose members are not sa_<id>.jpg/.json (here, under a folder) yields
+    no image: its marker says why instead of committing an empty shard as clean."""
+    import tarfile
+
+    src = tmp_path / "sa_000005.tar"
+    with tarfile.open(src, "w") as tf:
+        for name, data in (("sa_000005/sa_1.jpg", image_bytes(1)), ("sa_000005/sa_1.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    marker = ShardProcessor(_config(tmp_path / "out", model_files)).process(
+        ShardTask(5, "sa_000005", source=str(src))
+    )
+    assert marker["images_ok"] == 0
+    assert marker["input_error"].startswith("2 members skipped: sa_000005/sa_1.jpg (")

@@ -95,7 +95,7 @@ def test_extract_npz_png_and_safety(shards, tmp_path):
     assert main(["extract", str(shards[0]), "--out", str(out), "--ids", "999"]) == 1
 
 
-def test_extract_never_writes_outside_the_target(tmp_path):
+def test_extract_never_writes_outside_the_target(tmp_path, capsys, caplog):
     import tarfile
 
     from tests.pipeline.conftest import write_raw_tar
@@ -114,7 +114,10 @@ def test_extract_never_writes_outside_the_target(tmp_path):
     shard = write_raw_tar(tmp_path / "a" / "b" / "sa_000001.tar", entries)
     target = tmp_path / "a" / "b" / "out"
     before = {p for p in tmp_path.rglob("*")}
-    assert main(["extract", str(shard), "--out", str(target), "--masks", "png"]) == 0
+    # the safe record is extracted; the unsafe members are refused and reported (exit 1)
+    assert main(["extract", str(shard), "--out", str(target), "--masks", "png"]) == 1
+    assert "extracted 1 images" in capsys.readouterr().out
+    assert "3 members not used: ../escape.jpg (path escapes" in caplog.text
     new = {p for p in tmp_path.rglob("*")} - before
     assert new and all(target in p.parents or p == target for p in new)
 
@@ -648,3 +651,65 @@ def test_links_rows_without_their_header_read_like_the_file(tmp_path):
     for reader in (read_links, read_list_file):
         with pytest.raises(InputError, match="line 4: expected file_name<TAB>cdn_link"):
             reader(str(bad))
+
+
+def test_a_store_error_mid_shard_is_a_read_failure_and_prints_no_signature(
+    shards, tmp_path, capsys, caplog, monkeypatch
+):
+    """A ranged GET answered 503 half-way (aiohttp's ClientResponseError: no OSError, its
+    text the whole signed URL) is a failure to read the shard, reported scrubbed, by info
+    (exit 1) and index (one row), and no traceback shows the signature."""
+    import aiohttp
+    from yarl import URL
+
+    import pipeline.sa1b_reader as reader_mod
+
+    signed = "http://cdn.example/An_x.tar?oh=SECRET&oe=1"
+    url = URL(signed)
+    error = aiohttp.ClientResponseError(
+        aiohttp.RequestInfo(url, "GET", {}, url), (), status=503, message="Service Unavailable"
+    )
+    data = shards[0].read_bytes()
+
+    class Failing:
+        def __init__(self):
+            self.pos = 0
+
+        def read(self, n=-1):
+            if self.pos > len(data) // 2:
+                raise error
+            chunk = data[self.pos : self.pos + n]
+            self.pos += len(chunk)
+            return chunk
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(reader_mod, "open_url", lambda u: Failing())
+    assert main(["info", "--json", signed]) == 1
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["read_failure"] and not row["complete"]
+    assert row["error"] == "StoreError: ClientResponseError: 503, message='Service Unavailable', url='http://cdn.example/An_x.tar'"
+    assert main(["index", signed, "--out", str(tmp_path / "idx")]) == 1
+    captured = capsys.readouterr()
+    assert "SECRET" not in captured.out + captured.err + caplog.text
+
+
+def test_extract_and_coco_report_members_they_could_not_use(tmp_path, capsys, caplog):
+    """A JSON without its image and an image without its JSON: extract says so and exits
+    1 instead of "extracted 0 images" and 0; coco converts the JSON, which needs no
+    image (as in an output written without images)."""
+    shard = tmp_path / "sa_000001.tar"
+    from tests.jobs.helpers import image_bytes
+
+    record = {"image": {"image_id": 1, "width": 8, "height": 6, "file_name": "sa_1.jpg"},
+              "annotations": []}  # fmt: skip
+    write_members(shard, [("sa_1.json", json.dumps(record).encode()), ("sa_2.jpg", image_bytes(2))])
+    assert main(["extract", str(shard), "--out", str(tmp_path / "ex")]) == 1
+    assert "extracted 0 images" in capsys.readouterr().out
+    errors = _errors(caplog)
+    assert len(errors) == 1 and "2 members not used: sa_1.json (no partner), sa_2.jpg" in errors[0]
+    caplog.clear()
+    coco = tmp_path / "coco.json"
+    assert main(["coco", str(shard), "--out", str(coco)]) == 0
+    assert [i["id"] for i in json.loads(coco.read_text())["images"]] == [1]

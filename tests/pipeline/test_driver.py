@@ -260,9 +260,10 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, monkeypatch, cap
     assert d["plan"]["num_images"] == sum(1 for _ in open(cfg.input)) and listing_shards >= 2
     assert not (tmp_path / "out").exists()  # nothing written
     # a recorded run with one committed shard: resumes, and says what is left
-    driver.prepare_run(_run_config(tmp_path))
+    manifest, _, _ = driver.prepare_run(_run_config(tmp_path))
     (tmp_path / "out" / "_commits").mkdir()
-    (tmp_path / "out" / "_commits" / "sa_000000.json").write_text("{}")
+    marker = json.dumps({"shard": "sa_000000", "run_id": manifest["run_id"]})
+    (tmp_path / "out" / "_commits" / "sa_000000.json").write_text(marker)
     before = sorted(p.name for p in (tmp_path / "out").rglob("*"))
     d = driver.dry_run(_run_config(tmp_path))
     assert (d["run"], d["shards_committed"], d["shards_to_do"]) == ("resume", 1, listing_shards - 1)
@@ -278,3 +279,17 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, monkeypatch, cap
     assert "dry run: nothing started, nothing written" in out and "1 shards committed" in out
     assert main(args + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["shards_to_do"] == listing_shards - 1
+
+
+def test_shards_lost_with_a_dead_worker_that_had_committed_are_not_redone(tmp_path):
+    """A worker that died between its marker and its reply: the driver finds the marker
+    of this run and counts the shard done; another run's marker or none means a redo."""
+    from pipeline import driver
+    from pipeline.manifest import write_marker
+
+    out = str(tmp_path / "out")
+    write_marker(out, "sa_000000", {"shard": "sa_000000", "run_id": "r", "images_ok": 3})
+    write_marker(out, "sa_000001", {"shard": "sa_000001", "run_id": "old"})
+    got = driver._committed_by(out, "r", ["sa_000000", "sa_000001", "sa_000002"])
+    assert list(got) == ["sa_000000"] and got["sa_000000"]["images_ok"] == 3
+    assert driver._committed_by(str(tmp_path / "nowhere"), "r", ["sa_000000"]) == {}

@@ -14,9 +14,11 @@ from pipeline.manifest import (
     check_compatible,
     committed_shards,
     format_status,
+    is_transient,
     load_manifest,
     read_markers,
     retry_io,
+    run_markers,
     run_status,
     write_manifest,
     write_marker,
@@ -184,10 +186,62 @@ def test_read_index_reads_committed_shards_only(tmp_path):
         pd.DataFrame({"image_id": ids, "area": [10 * i for i in ids]}).to_parquet(
             d / f"{shard}.parquet"
         )
-    write_marker(str(out), "sa_000000", {"shard": "sa_000000"})
+    write_marker(str(out), "sa_000000", {"shard": "sa_000000", "run_id": "r1"})
     assert sorted(read_index(str(out)).image_id) == [1, 2]
     assert list(read_index(str(out), filters=[("area", ">", 10)]).image_id) == [2]
-    write_marker(str(out), "sa_000001", {"shard": "sa_000001"})
+    write_marker(str(out), "sa_000001", {"shard": "sa_000001", "run_id": "another run"})
+    assert sorted(read_index(str(out)).image_id) == [1, 2]  # not this run's results
+    write_marker(str(out), "sa_000001", {"shard": "sa_000001", "run_id": "r1"})
     assert sorted(read_index(str(out), columns=["image_id"]).image_id) == [1, 2, 3]
     with pytest.raises(ValueError, match="table must be one of"):
         read_index(str(out), "masks")
+
+
+def test_malformed_and_foreign_markers_count_as_not_committed(tmp_path, caplog):
+    """A truncated marker, one that is no object or names another shard, and one of
+    another run: status shows those shards pending instead of failing or counting them."""
+    out = str(tmp_path / "out")
+    write_manifest(out, _manifest())
+    write_marker(out, "sa_000000", {"shard": "sa_000000", "run_id": "r1", "images_ok": 2})
+    commits = tmp_path / "out" / "_commits"
+    (commits / "sa_000001.json").write_text('{"shard": "sa_000001", "run_id": "r1", "images_ok"')
+    (commits / "sa_000002.json").write_text('["sa_000002"]')
+    (commits / "sa_000003.json").write_text('{"shard": "sa_000000", "run_id": "r1"}')
+    write_marker(out, "sa_000004", {"shard": "sa_000004", "run_id": "old"})
+    with caplog.at_level(logging.WARNING, logger="pipeline.manifest"):
+        assert set(read_markers(out)) == {"sa_000000", "sa_000004"}
+        assert set(run_markers(out, "r1")) == {"sa_000000"}
+    text = caplog.text
+    assert "sa_000001.json: not a commit marker (" in text
+    assert "sa_000002.json: not a commit marker of sa_000002" in text
+    assert "sa_000003.json: not a commit marker of sa_000003" in text
+    assert "1 commit markers belong to another run than r1 (first: sa_000004)" in text
+    st = run_status(out)
+    assert (st.shards_committed, st.images_ok, st.pending) == (1, 2, ["sa_000001", "sa_000002"])
+
+
+def test_a_manifest_that_is_no_object_is_refused(tmp_path):
+    out = tmp_path / "out"
+    (out / "_run").mkdir(parents=True)
+    (out / "_run" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(RunConflictError, match="manifest.json is not a JSON object"):
+        load_manifest(str(out))
+
+
+def test_http_errors_behind_not_found_are_told_apart(http_server):
+    """fsspec reports any failed request for an HTTP file's size as FileNotFoundError:
+    a 404 or a 403 is final, a 503 or a refused connection is worth retrying."""
+    import socket
+
+    from pipeline.io import open_url
+
+    base, www, _ = http_server
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/a.jpg"
+    expected = {f"{base}/gone.jpg": False, f"{base}/expired/a.jpg": False,
+                f"{base}/down/a.jpg": True, closed: True}  # fmt: skip
+    for url, transient in expected.items():
+        with pytest.raises(FileNotFoundError) as e:
+            open_url(url).close()
+        assert is_transient(e.value) is transient, url

@@ -70,11 +70,20 @@ def test_stats_of_a_generation_output_count_committed_shards_only(index_dir, tmp
     (out / "_run").mkdir()
     (out / "_run" / "manifest.json").write_text(json.dumps({"version": 1, "run_id": "x"}))
     (out / "_commits").mkdir()
-    (out / "_commits" / "sa_000001.json").write_text("{}")
+    (out / "_commits" / "sa_000001.json").write_text('{"run_id": "x"}')
     st = index_stats(str(out))
     images = pd.read_parquet(index_dir / "images" / "sa_000001.parquet")
     assert (st.layout, st.shards, st.images) == ("generation output", 1, len(images))
     assert st.annotations == int(images.num_annotations.sum()) == 30
+    assert st.damaged_shards == []
+    # another run's marker (its _run folder removed since) is not this run's result; a
+    # re-annotated input shard found damaged is listed
+    (out / "_commits" / "sa_000000.json").write_text('{"run_id": "y"}')
+    (out / "_commits" / "sa_000002.json").write_text('{"run_id": "x", "input_error": "truncated"}')
+    st = index_stats(str(out))
+    more = pd.read_parquet(index_dir / "images" / "sa_000002.parquet")
+    assert (st.shards, st.images) == (2, len(images) + len(more))
+    assert st.damaged_shards == ["sa_000002"]
 
 
 def test_stats_cli_prints_writes_a_picture_and_refuses_a_non_index(index_dir, tmp_path, capsys, caplog):
