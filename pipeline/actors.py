@@ -760,6 +760,24 @@ class ShardProcessor:
 # ----------------------------------------------------------------------------- Ray
 
 
+def _check_output_visible(out: str) -> None:
+    """The driver records the run's manifest before any worker starts: a worker that
+    cannot see it writes where the driver never looks (a local folder on another node of
+    a cluster), so it refuses to start."""
+    import socket
+
+    from pipeline.io import exists
+    from pipeline.manifest import RUN_DIR, manifest_url
+
+    url = manifest_url(out)
+    if not retry_io(lambda: exists(url), what=url):
+        raise RuntimeError(
+            f"output {redact(out)}: the run's {RUN_DIR}/manifest.json is not visible on this "
+            f"worker's node ({socket.gethostname()}); on a cluster of several nodes the "
+            "output must be shared storage (s3://..., or a folder every node mounts)"
+        )
+
+
 class ShardWorker:
     """Ray actor body: one per GPU (or per CPU slot), model loaded once."""
 
@@ -772,6 +790,7 @@ class ShardWorker:
             import torch
 
             cfg.device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
+        _check_output_visible(cfg.output)
         self.processor = ShardProcessor(cfg)
 
     def info(self) -> dict[str, Any]:

@@ -488,3 +488,16 @@ def test_input_shard_with_skipped_members_is_reported_damaged(tmp_path, model_fi
     )
     assert marker["images_ok"] == 0
     assert marker["input_error"].startswith("2 members skipped: sa_000005/sa_1.jpg (")
+
+
+def test_a_worker_that_cannot_see_the_run_refuses_to_start(tmp_path):
+    """A local output on a cluster of several nodes: a worker on another node finds no
+    manifest where the driver recorded it, and says so instead of writing unseen."""
+    from pipeline.actors import _check_output_visible
+    from pipeline.manifest import write_manifest
+
+    out = str(tmp_path / "out")
+    with pytest.raises(RuntimeError, match=r"manifest\.json is not visible on this worker's node"):
+        _check_output_visible(out)
+    write_manifest(out, {"run_id": "r"})
+    _check_output_visible(out)
