@@ -382,9 +382,11 @@ class SamAutomaticMaskGenerator:
         """Stability, area and boxes of the upsampled masks: tiled where masks are
         mostly far from their threshold, dense upsampling (in bounded chunks) otherwise."""
         thr, off = self.model.mask_threshold, self.stability_score_offset
-        if geometry.mixed_fraction(low_res, thr, off) >= 0.25:
+        # (the tiles' shortcut assumes thr - off <= thr <= thr + off)
+        if off < 0 or geometry.mixed_fraction(low_res, thr, off) >= 0.25:
             return self._dense_stats(low_res, geometry)
-        stab, area, boxes = geometry.stats(low_res, thr, off)
+        # a tile pixel holds ~5x the bytes of a dense logit: the same memory bound
+        stab, area, boxes = geometry.stats(low_res, thr, off, self.max_upsample_pixels // 5)
         # Tiled sums differ from the reference's by float rounding only (a few pixels in a
         # million); where that could flip the stability filter, use the exact numbers.
         close = (stab - self.stability_score_thresh).abs() < 1e-4
@@ -481,22 +483,24 @@ class SamAutomaticMaskGenerator:
         """Fill small holes, drop small islands, then NMS preferring untouched masks."""
         if not data["runs"]:
             return data
-        masks, scores = [], []
-        for counts in data["runs"]:
+        # one full-resolution mask at a time: a changed one is encoded at once
+        scores, box_list, changed = [], [], {}
+        for j, counts in enumerate(data["runs"]):
             m = ops.runs_to_mask(counts, size)
             m, changed_h = ops.remove_small_regions(m, self.min_mask_region_area, "holes")
             m, changed_i = ops.remove_small_regions(m, self.min_mask_region_area, "islands")
-            masks.append(m)
             scores.append(0.0 if (changed_h or changed_i) else 1.0)
-        masks_t = torch.as_tensor(np.stack(masks))
-        boxes = ops.masks_to_boxes(masks_t)
+            box_list.append(ops.masks_to_boxes(torch.as_tensor(m)[None])[0])
+            if changed_h or changed_i:
+                changed[j] = ops.mask_to_runs_np(m)
+        boxes = torch.stack(box_list)
         keep = batched_nms(
-            boxes.float(), torch.as_tensor(scores), torch.zeros(len(masks)),
+            boxes.float(), torch.as_tensor(scores), torch.zeros(len(scores)),
             max(self.box_nms_thresh, self.crop_nms_thresh),
         ).numpy()
         for j in keep:
-            if scores[j] == 0.0:
-                data["runs"][j] = ops.mask_to_runs_np(masks[j])
+            if j in changed:
+                data["runs"][j] = changed[j]
                 data["boxes"][j] = boxes[j].numpy()
         return {
             "runs": [data["runs"][j] for j in keep],

@@ -260,10 +260,12 @@ class TiledUpsampler:
         return float(mixed.sum()) * g / max(1, total * x.shape[0])
 
     def stats(
-        self, low_res: torch.Tensor, thr: float, offset: float
+        self, low_res: torch.Tensor, thr: float, offset: float, max_pixels: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stability scores (N,), areas (N,) and inclusive XYXY boxes (N, 4) in the crop
-        frame of the thresholded upsampled masks, for low-res logits (N, h4, w4)."""
+        frame of the thresholded upsampled masks, for low-res logits (N, h4, w4). Mixed
+        tiles are evaluated at most ``max_pixels`` output pixels at a time (memory: about
+        20 bytes each), all at once when None."""
         n = low_res.shape[0]
         dev = low_res.device
         x = low_res[:, : self.rows, : self.cols].float()
@@ -298,12 +300,13 @@ class TiledUpsampler:
             left = torch.where(has, self.c_start[c0], left)
             right = torch.where(has, self.c_start[c1] + self.c_len[c1] - 1, right)
         idx = mixed.nonzero()
-        if len(idx):
-            mi, ri, ci = idx.unbind(1)
-            xp = F.pad(x, (1, 1, 1, 1))
-            win = xp.unfold(1, 3, 1).unfold(2, 3, 1)[mi, ri, ci]  # (M, 3, 3)
+        windows = F.pad(x, (1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1)  # a view
+        gr, gc = self.wr.shape[1], self.wc.shape[1]
+        step = len(idx) if max_pixels is None else max(1, max_pixels // (gr * gc))
+        for s in range(0, len(idx), max(1, step)):
+            mi, ri, ci = idx[s : s + step].unbind(1)
+            win = windows[mi, ri, ci]  # (M, 3, 3)
             v = torch.bmm(torch.bmm(self.wr[ri], win), self.wc[ci].transpose(1, 2))
-            gr, gc = v.shape[1], v.shape[2]
             valid = (torch.arange(gr, device=dev)[None, :, None] < self.r_len[ri][:, None, None]) & (
                 torch.arange(gc, device=dev)[None, None, :] < self.c_len[ci][:, None, None]
             )

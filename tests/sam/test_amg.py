@@ -133,6 +133,9 @@ CASES = {
     "crop_options": dict(points_per_side=8, crop_n_layers=1, crop_nms_thresh=0.5,
                          crop_overlap_ratio=0.2, stability_score_offset=2.0,
                          output_mode="coco_rle", **LOOSE),
+    # a negative offset (stability above 1): our tile shortcut does not apply
+    "negative_offset": dict(points_per_side=12, stability_score_offset=-0.5,
+                            output_mode="coco_rle", **LOOSE),
     "point_grids": dict(points_per_side=None, output_mode="coco_rle", crop_n_layers=1,
                         point_grids=[np.random.default_rng(3).random((80, 2)),
                                      np.random.default_rng(4).random((20, 2))], **LOOSE),

@@ -178,6 +178,9 @@ def test_tiled_statistics_match_dense(model_size, low, input_size, out):
     assert (area - masks.flatten(1).sum(1)).abs().max() <= max(2, out[0] * out[1] // 100_000)
     assert (boxes - ops.masks_to_boxes(masks)).abs().max() <= 1
     assert area[0] == 0 and area[1] == out[0] * out[1]
+    # evaluated a few tiles at a time (bounded memory): the same numbers
+    for got, want in zip(tiled.stats(logits, 0.0, 1.0, max_pixels=5000), (stab, area, boxes)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, equal_nan=True)
 
 
 def test_fast_runs_equal_simple_runs():
