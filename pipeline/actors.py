@@ -417,10 +417,13 @@ class _ShardOutput:
             return
         assert it.image is not None and it.records is not None
         h, w = it.image.shape[:2]
-        if it.image_id * ANNOTATION_ID_STRIDE + len(it.records) >= 2**63:
+        # an empty mask (kept only at a stability threshold of 0; its score is 0/0) is no
+        # annotation, and its NaN no JSON
+        records = [r for r in it.records if r["area"] > 0]
+        if it.image_id * ANNOTATION_ID_STRIDE + len(records) >= 2**63:
             raise ValueError(f"image id {it.image_id} is too large for annotation ids")
         anns = []
-        for j, r in enumerate(it.records):
+        for j, r in enumerate(records):
             a = dict(r)
             a["id"] = it.image_id * ANNOTATION_ID_STRIDE + j
             anns.append(a)

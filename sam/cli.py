@@ -10,6 +10,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -96,9 +97,21 @@ def read_image(path: Path) -> np.ndarray:
         ) from None
 
 
-def image_id_of(path: Path, index: int) -> int:
-    m = re.fullmatch(r"sa_(\d+)", path.stem)
-    return int(m.group(1)) if m else index + 1
+def image_ids(paths: list[Path]) -> list[int]:
+    """SA-1B image ids: an ``sa_<id>`` name keeps its id; other images get 1, 2, ... in
+    order, skipping the ids those names hold, so no two images share one."""
+    found = [re.fullmatch(r"sa_(\d+)", p.stem) for p in paths]
+    taken = {int(m.group(1)) for m in found if m}
+    ids, nxt = [], 1
+    for m in found:
+        if m:
+            ids.append(int(m.group(1)))
+            continue
+        while nxt in taken:
+            nxt += 1
+        ids.append(nxt)
+        nxt += 1
+    return ids
 
 
 def write_png_folder(records: list[dict], out_dir: Path) -> None:
@@ -139,7 +152,9 @@ def _write_pngs(records: list[dict], out_dir: Path) -> None:
 
 def sa1b_record(records: list[dict], image_id: int, path: Path, size: tuple[int, int]) -> dict:
     anns = []
-    for k, r in enumerate(records):
+    # an empty mask (kept only at a stability threshold of 0; its score is 0/0) is no
+    # annotation, and its NaN no JSON
+    for k, r in enumerate(r for r in records if r["area"] > 0):
         anns.append({
             "bbox": r["bbox"], "area": r["area"], "segmentation": r["segmentation"],
             "predicted_iou": r["predicted_iou"], "point_coords": r["point_coords"],
@@ -147,6 +162,10 @@ def sa1b_record(records: list[dict], image_id: int, path: Path, size: tuple[int,
         })
     return {"image": {"image_id": image_id, "width": size[1], "height": size[0],
                       "file_name": path.name}, "annotations": anns}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -186,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"sam-amg: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder without read permission ...
+        print(f"sam-amg: input {args.input}: cannot be listed ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 2
     if not images:
         print(f"sam-amg: input {args.input}: no images found", file=sys.stderr)
         return 2
@@ -220,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sam-amg: output {out}: cannot create the folder ({type(e).__name__}: {e})",
               file=sys.stderr)
         return 2
+    ids = image_ids(images)
     failed, n_masks, t0 = [], 0, time.perf_counter()
     bar = tqdm(images, unit="img", desc="sam-amg")
     for i, path in enumerate(bar):
@@ -231,19 +255,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             records = gen.generate(image)
-        except (ValueError, RuntimeError) as e:  # e.g. out of memory on a huge image
-            log.error("image %s: generation failed: %s", path, e)
-            failed.append((path, f"generation failed: {e}"))
+        except Exception as e:  # out of memory on a huge image, ...: the others go on
+            log.error("image %s: generation failed: %s: %s", path, type(e).__name__, e)
+            failed.append((path, f"generation failed: {type(e).__name__}: {e}"))
             continue
         try:
             if fmt == "png":
                 write_png_folder(records, out / path.stem)
-            elif fmt == "coco_rle":
-                _write_atomic(out / f"{path.stem}.json", json.dumps(records).encode())
+            elif fmt == "coco_rle":  # an empty mask's NaN stability as null: valid JSON
+                clean = [{**r, "stability_score": _finite(r["stability_score"])} for r in records]
+                _write_atomic(out / f"{path.stem}.json", json.dumps(clean, allow_nan=False).encode())
             else:
                 from pipeline.sa1b_writer import write_image_json
 
-                rec = sa1b_record(records, image_id_of(path, i), path, image.shape[:2])
+                rec = sa1b_record(records, ids[i], path, image.shape[:2])
                 _write_atomic(out / f"{path.stem}.json", write_image_json(rec))
         except OSError as e:  # disk full, permissions, a file where a folder should be
             target = out / path.stem

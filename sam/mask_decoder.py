@@ -324,7 +324,14 @@ class MaskDecoder(nn.Module):
         )
         wanted = list(range(self.num_mask_tokens)[mask_slice or slice(None)])
         masks = self.upscale_masks(src, tokens_out, wanted)
-        return masks, self.iou_prediction_head(tokens_out[:, 0])
+        return masks, self.predict_iou(tokens_out)
+
+    def predict_iou(self, tokens_out: torch.Tensor) -> torch.Tensor:
+        """The IoU head on the IoU token, in fp32 also under autocast: a tiny MLP whose
+        scores bf16 would round to steps of 1/256, moving the IoU threshold and tying
+        NMS ranks."""
+        with torch.autocast(tokens_out.device.type, enabled=False):
+            return self.iou_prediction_head(tokens_out[:, 0].float())
 
     def run_transformer(
         self,

@@ -42,8 +42,8 @@ def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
         image = image[..., :3]
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"{name}: empty image of shape {image.shape}")
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)  # as OpenCV converts 16-bit to 8-bit
+    if image.dtype.kind == "u" and image.dtype.itemsize == 2:  # also big-endian ('>u2')
+        image = (image.astype(np.uint16) >> 8).astype(np.uint8)  # as OpenCV converts 16-bit
     elif image.dtype != np.uint8:
         raise ValueError(
             f"{name}: expected uint8 (or uint16) pixels, got {image.dtype}; convert floats "
@@ -172,6 +172,10 @@ class SamPredictor:
         """Make image `index` of the last `set_images` call the current one."""
         if self._all_features is None:
             raise RuntimeError("An image must be set with .set_image(...) before selecting.")
+        n = len(self._sizes)
+        if not -n <= index < n:
+            raise IndexError(f"image index {index} out of range for {n} images")
+        index %= n
         self.features = self._all_features[index : index + 1]
         self.original_size, self.input_size = self._sizes[index]
         self.orig_h, self.orig_w = self.original_size
@@ -296,7 +300,7 @@ class SamPredictor:
                     masks=None,
                 )
                 tokens, src = dec.run_transformer(self.features, image_pe, sparse, dense)
-                iou = dec.iou_prediction_head(tokens[:, 0])[:, 1:].float()
+                iou = dec.predict_iou(tokens)[:, 1:]
                 rows = (iou > iou_thresh).any(dim=1).nonzero()[:, 0]
                 ious.append(iou)
                 all_rows.append(rows + s)

@@ -165,6 +165,8 @@ def test_image_conversion():
     deep = np.full((2, 2, 3), 65535, np.uint16)
     assert (as_rgb_uint8(deep) == 255).all()
     assert (as_rgb_uint8(np.full((2, 2, 3), 257, np.uint16)) == 1).all()
+    big_endian = np.full((2, 2, 3), 0x1234, ">u2")  # as some TIFF readers give them
+    assert (as_rgb_uint8(big_endian) == 0x12).all()
     with pytest.raises(ValueError, match="uint8"):
         as_rgb_uint8(np.zeros((2, 2, 3), np.float32))
     with pytest.raises(ValueError, match="shape"):

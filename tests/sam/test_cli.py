@@ -190,3 +190,39 @@ def test_output_problems_and_clashing_stems(image_dir, tmp_path, capsys):
     assert main(["--input", str(image_dir), "--output", str(tmp_path / "o"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "sa_42.jpg and sa_42.png would write the same output sa_42" in err
+
+
+def test_image_ids_never_collide():
+    from pathlib import Path
+
+    from sam.cli import image_ids
+
+    names = ["a.jpg", "b.png", "sa_1.jpg", "sa_3.jpg", "c.jpg"]
+    assert image_ids([Path(n) for n in names]) == [2, 4, 1, 3, 5]
+
+
+def test_empty_masks_at_zero_thresholds_write_valid_json(tmp_path):
+    """At stability threshold 0 the generator keeps empty masks, as the reference does,
+    some with stability 0/0: the SA-1B JSON leaves empty masks out, the COCO-RLE JSON says
+    null for the undefined scores."""
+    d = tmp_path / "in"
+    d.mkdir()
+    noise = np.random.default_rng(0).integers(0, 255, (7, 7, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(d / "n.png")
+    zero = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+
+    def strict(text):
+        def refuse(c):
+            raise ValueError(f"not JSON: {c}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    assert main(["--input", str(d), "--output", str(tmp_path / "coco"), "--convert-to-rle", *zero]) == 0
+    recs = strict((tmp_path / "coco" / "n.json").read_text())
+    empty = [r for r in recs if r["area"] == 0]
+    # a real case: some empty masks have nothing above thr - offset either (0/0)
+    assert empty and any(r["stability_score"] is None for r in empty)
+    assert main(["--input", str(d), "--output", str(tmp_path / "sa1b"), "--format", "sa1b", *zero]) == 0
+    doc = strict((tmp_path / "sa1b" / "n.json").read_text())
+    assert [a["id"] for a in doc["annotations"]] == list(range(len(recs) - len(empty)))
+    assert all(a["area"] > 0 for a in doc["annotations"])

@@ -180,6 +180,12 @@ def test_set_images_batched_equals_single(small_pair):
         a = p.predict(np.array([[40, 50]]), np.array([1]))
         b = single.predict(np.array([[40, 50]]), np.array([1]))
         assert rel_err(a[2], b[2]) < REL
+    p.select(-1)  # Python's negative index: the last image
+    assert p.original_size == images[-1].shape[:2] and p.features.shape[0] == 1
+    p.select(0)
+    with pytest.raises(IndexError, match="image index 3 out of range for 3 images"):
+        p.select(3)
+    assert p.original_size == images[0].shape[:2]  # a refused index changes nothing
 
 
 def test_vit_b_parity(tmp_path):

@@ -111,3 +111,22 @@ def test_decoder_image_tokens_stay_in_autocast_dtype_for_inference():
     with torch.autocast(device, dtype=torch.bfloat16):  # autograd on: as in training
         _, k_train = dec.transformer(image, pe, tokens)
     assert k_train.dtype == torch.float32
+
+
+def test_predicted_ious_are_not_rounded_to_bf16(tiny):
+    """The IoU head runs in fp32 under autocast: bf16 would round scores to steps of
+    1/256, moving the 0.88 threshold and tying NMS ranks. Both decoding paths (the
+    predictor's and the generator's, which upscales only masks over the threshold)."""
+    scene = make_scene(seed=40_002, height=300, width=400)
+    fast = SamPredictor(tiny, precision="bf16")
+    fast.set_image(scene.image)
+    pts = torch.tensor(_object_points(scene, k=8), dtype=torch.float)
+    coords = fast.transform.apply_coords_torch(pts, scene.image.shape[:2])[:, None]
+    labels = torch.ones(len(pts), 1, dtype=torch.int)
+    _, iou, _ = fast.predict_torch(coords, labels, multimask_output=True)
+    _, above, _ = fast.decode_above(coords, labels, -1e9)
+    for scores in (iou.flatten(), above):
+        assert scores.dtype == torch.float32 and len(scores) >= 18
+        as_bf16 = scores.to(torch.bfloat16).float()
+        assert (as_bf16 != scores).float().mean() > 0.5, scores  # not bf16 values
+    torch.testing.assert_close(above, iou.flatten(), rtol=0, atol=1e-6)
