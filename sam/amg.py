@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # For the bundled tiny model: its predicted IoUs and stability scores are less
     # confident than SAM's, so SAM's thresholds (0.88 / 0.95) keep a few masks per image;
-    # at these it finds 98% of held-out objects at IoU 0.5 (bench.quality --amg).
+    # at these it finds 99% of held-out objects at IoU 0.5 (bench.quality --amg).
     "tiny": {
         "pred_iou_thresh": 0.5,
         "stability_score_thresh": 0.8,
