@@ -863,14 +863,11 @@ def run_generation(cfg: GenerateConfig) -> RunSummary:
 def _committed_by(out: str, run_id: str, shards: list[str]) -> dict[str, dict[str, Any]]:
     """The markers of run ``run_id`` among ``shards`` (those committed), by name; none
     when the markers cannot be read (the shards are then redone, as before)."""
-    from pipeline.manifest import read_markers
-
     try:
-        markers = read_markers(out, set(shards))  # a shard without a marker is left out
+        return run_markers(out, run_id, set(shards))  # a shard without a marker is left out
     except Exception as e:
         log.warning("could not check for commit markers of %s: %s", ", ".join(shards), describe(e))
         return {}
-    return {k: m for k, m in markers.items() if m.get("run_id") == run_id}
 
 
 def _dispatch(

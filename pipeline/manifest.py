@@ -293,11 +293,12 @@ def read_markers(out: str, shards: set[str] | None = None, threads: int = 16) ->
         return {n: m for n, m in pool.map(read, names) if m is not None}
 
 
-def run_markers(out: str, run_id: str) -> dict[str, dict]:
-    """The valid commit markers of run ``run_id`` in ``out``: what is committed for that
-    run. Markers of another run (left by a run whose ``_run`` folder was removed) are left
-    out with a warning, so their shards are made again, not taken for this run's."""
-    markers = read_markers(out)
+def run_markers(out: str, run_id: str, shards: set[str] | None = None) -> dict[str, dict]:
+    """The valid commit markers of run ``run_id`` in ``out`` (of ``shards`` only, when
+    given): what is committed for that run. Markers of another run (left by a run whose
+    ``_run`` folder was removed) are left out with a warning, so their shards are made
+    again, not taken for this run's."""
+    markers = read_markers(out, shards)
     foreign = sorted(k for k, m in markers.items() if m.get("run_id") != run_id)
     if foreign:
         log.warning(
