@@ -330,8 +330,9 @@ class MaskDecoder(nn.Module):
         """The IoU head on the IoU token, in fp32 also under autocast: a tiny MLP whose
         scores bf16 would round to steps of 1/256, moving the IoU threshold and tying
         NMS ranks."""
+        dtype = next(self.iou_prediction_head.parameters()).dtype  # fp32 (or a float64 model's)
         with torch.autocast(tokens_out.device.type, enabled=False):
-            return self.iou_prediction_head(tokens_out[:, 0].float())
+            return self.iou_prediction_head(tokens_out[:, 0].to(dtype))
 
     def run_transformer(
         self,
