@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from pipeline.io import atomic_write, describe, join, list_dir, open_url, redact, remove, scrub
 from pipeline.manifest import http_status, is_transient, retry_io, write_marker
 from pipeline.parquet_index import IndexPartBuilder, write_index_part
-from pipeline.sa1b_writer import ShardWriter, write_image_json
+from pipeline.sa1b_writer import ShardWriter, nonempty, write_image_json
 
 __all__ = [
     "ANNOTATION_ID_STRIDE",
@@ -417,9 +417,7 @@ class _ShardOutput:
             return
         assert it.image is not None and it.records is not None
         h, w = it.image.shape[:2]
-        # an empty mask (kept only at a stability threshold of 0; its score is 0/0) is no
-        # annotation, and its NaN no JSON
-        records = [r for r in it.records if r["area"] > 0]
+        records = nonempty(it.records)
         if it.image_id * ANNOTATION_ID_STRIDE + len(records) >= 2**63:
             raise ValueError(f"image id {it.image_id} is too large for annotation ids")
         anns = []

@@ -262,10 +262,10 @@ def _records(
         elif rep.unpaired or rep.skipped:
             unused = [f"{m} (no partner)" for m in rep.unpaired]
             unused += [f"{name} ({why})" for name, why in rep.skipped]
-            error = f"{len(unused)} members not used: {', '.join(unused[:5])}"
-            log.error("%s: %s", rep.url, scrub(error))
+            error = scrub(f"{len(unused)} members not used: {', '.join(unused[:5])}")
+            log.error("%s: %s", rep.url, error)
             if damaged is not None:
-                damaged.append((rep.url, scrub(error)))
+                damaged.append((rep.url, error))
 
 
 # ----------------------------------------------------------------------------- extract

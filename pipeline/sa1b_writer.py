@@ -29,6 +29,7 @@ __all__ = [
     "ANNOTATION_KEYS",
     "IMAGE_KEYS",
     "ShardWriter",
+    "nonempty",
     "shard_name",
     "to_sa1b_record",
     "write_image_json",
@@ -92,6 +93,12 @@ def to_sa1b_record(record: Mapping[str, Any]) -> dict[str, Any]:
     out = {"image": image, "annotations": anns}
     out.update((k, v) for k, v in rec.items() if k not in out)
     return out
+
+
+def nonempty(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The generator's records that are SA-1B annotations: an empty mask (kept only at a
+    stability threshold of 0, its score 0/0) is none, and its NaN no JSON."""
+    return [r for r in records if r["area"] > 0]
 
 
 def write_image_json(record: Mapping[str, Any]) -> bytes:

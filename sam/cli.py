@@ -151,10 +151,10 @@ def _write_pngs(records: list[dict], out_dir: Path) -> None:
 
 
 def sa1b_record(records: list[dict], image_id: int, path: Path, size: tuple[int, int]) -> dict:
+    from pipeline.sa1b_writer import nonempty
+
     anns = []
-    # an empty mask (kept only at a stability threshold of 0; its score is 0/0) is no
-    # annotation, and its NaN no JSON
-    for k, r in enumerate(r for r in records if r["area"] > 0):
+    for k, r in enumerate(nonempty(records)):
         anns.append({
             "bbox": r["bbox"], "area": r["area"], "segmentation": r["segmentation"],
             "predicted_iou": r["predicted_iou"], "point_coords": r["point_coords"],
