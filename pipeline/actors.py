@@ -92,6 +92,9 @@ class WorkerConfig:
     batch_images: int = 1
     torch_threads: int | None = None
     device: str | None = None  # None: the GPU Ray assigned, else CPU
+    # a local folder the input lives in (None: the input is in a store); a worker that
+    # does not see it is on a node without the driver's files and refuses to start
+    input_folder: str | None = None
 
 
 @dataclass
@@ -779,6 +782,20 @@ def _check_output_visible(out: str) -> None:
         )
 
 
+def _check_input_visible(folder: str | None) -> None:
+    """A local input read on another node of a cluster: every image would be recorded
+    as missing; the worker refuses to start instead, naming the folder and the node."""
+    if folder is None or os.path.isdir(folder):
+        return
+    import socket
+
+    raise RuntimeError(
+        f"input folder {folder} is not visible on this worker's node "
+        f"({socket.gethostname()}); on a cluster of several nodes the input must be "
+        "shared storage (s3://..., https://..., or a folder every node mounts)"
+    )
+
+
 class ShardWorker:
     """Ray actor body: one per GPU (or per CPU slot), model loaded once."""
 
@@ -792,6 +809,7 @@ class ShardWorker:
 
             cfg.device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
         _check_output_visible(cfg.output)
+        _check_input_visible(cfg.input_folder)
         self.processor = ShardProcessor(cfg)
 
     def info(self) -> dict[str, Any]:

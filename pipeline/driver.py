@@ -370,6 +370,7 @@ def prepare_run(
     ``record=False`` checks against a recorded run but writes nothing (a dry run)."""
     # local paths made absolute here: Ray workers do not share the driver's working folder
     cfg.output = _absolute_if_local(cfg.output)
+    cfg.input = _absolute_if_local(cfg.input)
     if cfg.checkpoint is not None:
         cfg.checkpoint = _absolute_if_local(cfg.checkpoint)
     _validate(cfg)
@@ -447,8 +448,22 @@ def prepare_run(
         read_threads=cfg.read_threads,
         batch_images=cfg.batch_images,
         torch_threads=max(1, int(cfg.cpus_per_actor)),
+        input_folder=_local_input_folder(plan),
     )
     return manifest, plan, wcfg
+
+
+def _local_input_folder(plan: ShardPlan) -> str | None:
+    """The folder of the plan's first input when that is a local file (what a worker
+    checks it can see), else ``None``."""
+    for s in plan.shards:
+        uri = s.source if s.source is not None else (s.items[0].uri if s.items else None)
+        if uri is None:
+            continue
+        if "://" in uri and not uri.startswith("file://"):
+            return None
+        return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
+    return None
 
 
 # ----------------------------------------------------------------------------- Ray

@@ -501,3 +501,15 @@ def test_a_worker_that_cannot_see_the_run_refuses_to_start(tmp_path):
         _check_output_visible(out)
     write_manifest(out, {"run_id": "r"})
     _check_output_visible(out)
+
+
+def test_a_worker_that_cannot_see_a_local_input_refuses_to_start(tmp_path):
+    """A local input on a cluster of several nodes: a worker on another node would record
+    every image as missing; it refuses to start instead, naming the folder."""
+    from pipeline.actors import _check_input_visible
+
+    _check_input_visible(None)  # input in a store: nothing to check
+    _check_input_visible(str(tmp_path))
+    gone = str(tmp_path / "elsewhere")
+    with pytest.raises(RuntimeError, match=r"input folder .*elsewhere is not visible on this"):
+        _check_input_visible(gone)

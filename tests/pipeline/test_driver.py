@@ -293,3 +293,24 @@ def test_shards_lost_with_a_dead_worker_that_had_committed_are_not_redone(tmp_pa
     got = driver._committed_by(out, "r", ["sa_000000", "sa_000001", "sa_000002"])
     assert list(got) == ["sa_000000"] and got["sa_000000"]["images_ok"] == 3
     assert driver._committed_by(str(tmp_path / "nowhere"), "r", ["sa_000000"]) == {}
+
+
+def test_workers_get_absolute_local_inputs_and_the_folder_to_check(tmp_path, monkeypatch):
+    """Ray workers do not run in the driver's working folder: a relative local input (a
+    single image too) reaches them absolute, with its folder to check they can see it;
+    an input in a store has no folder to check."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.driver import _local_input_folder, prepare_run
+    from pipeline.plan import ShardPlan, ShardSpec, build_plan
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / "a.jpg")
+    monkeypatch.chdir(tmp_path)
+    _, plan, wcfg = prepare_run(GenerateConfig(input="imgs/a.jpg", output="out"))
+    assert plan.shards[0].items[0].uri == str(tmp_path / "imgs" / "a.jpg")
+    assert wcfg.input_folder == str(tmp_path / "imgs")
+    assert _local_input_folder(build_plan("imgs")) == str(tmp_path / "imgs")
+    remote = ShardPlan("sa1b", [ShardSpec(0, source="s3://b/sa_000000.tar")])
+    assert _local_input_folder(remote) is None
