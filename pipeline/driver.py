@@ -35,7 +35,7 @@ from pipeline.actors import (
     progress_actor_class,
     worker_actor_class,
 )
-from pipeline.io import describe, join, open_url, redact, scrub
+from pipeline.io import describe, is_local, join, open_url, redact, scrub
 from pipeline.manifest import (
     MANIFEST_VERSION,
     RUN_DIR,
@@ -458,11 +458,9 @@ def _local_input_folder(plan: ShardPlan) -> str | None:
     checks it can see), else ``None``."""
     for s in plan.shards:
         uri = s.source if s.source is not None else (s.items[0].uri if s.items else None)
-        if uri is None:
-            continue
-        if "://" in uri and not uri.startswith("file://"):
-            return None
-        return os.path.dirname(os.path.abspath(uri.removeprefix("file://")))
+        if uri is not None:
+            local = is_local(uri)
+            return os.path.dirname(os.path.abspath(uri.removeprefix("file://"))) if local else None
     return None
 
 
