@@ -249,12 +249,29 @@ class TiledUpsampler:
                 w[c, : length[c]] = padded[start[c] : end[c], c : c + 3]
         return w.float().to(device), start.to(device), length.to(device)
 
+    # a tile is taken as wholly above (below) a threshold only with this margin, so that
+    # float rounding in the interpolation cannot move one of its pixels across it
+    MARGIN = 1e-4
+
+    def _classify(self, x: torch.Tensor, thresholds: tuple[float, ...]):
+        """For low-res logits x (N, rows, cols): the tiles that must be evaluated (some
+        threshold falls within the range of their 3x3 neighbourhood), and for each
+        threshold the tiles known to lie wholly above it. A tile between two thresholds
+        (flat logits near a boundary) is known for all of them without evaluation."""
+        mx = F.max_pool2d(x[:, None], 3, 1, 1)[:, 0]
+        mn = -F.max_pool2d(-x[:, None], 3, 1, 1)[:, 0]
+        present = (self.cnt > 0)[None]
+        above = [(mn > t + self.MARGIN) & present for t in thresholds]
+        mixed = torch.zeros(mn.shape, dtype=torch.bool, device=mn.device)
+        for t, a in zip(thresholds, above):
+            mixed |= ~a & ~(mx <= t - self.MARGIN)
+        mixed &= present
+        return mixed, [a & ~mixed for a in above]
+
     def mixed_fraction(self, low_res: torch.Tensor, thr: float, offset: float) -> float:
         """Share of output pixels in tiles that must be evaluated (cost estimate)."""
         x = low_res[:, : self.rows, : self.cols].float()
-        mx = F.max_pool2d(x[:, None], 3, 1, 1)[:, 0]
-        mn = -F.max_pool2d(-x[:, None], 3, 1, 1)[:, 0]
-        mixed = ~(mn > thr + offset) & ~(mx <= thr - offset) & (self.cnt > 0)[None]
+        mixed, _ = self._classify(x, (thr + offset, thr - offset, thr))
         g = self.wr.shape[1] * self.wc.shape[1]
         total = self.out_size[0] * self.out_size[1]
         return float(mixed.sum()) * g / max(1, total * x.shape[0])
@@ -270,23 +287,18 @@ class TiledUpsampler:
         dev = low_res.device
         x = low_res[:, : self.rows, : self.cols].float()
         hi_t, lo_t = thr + offset, thr - offset
-        mx = F.max_pool2d(x[:, None], 3, 1, 1)[:, 0]
-        mn = -F.max_pool2d(-x[:, None], 3, 1, 1)[:, 0]
-        present = (self.cnt > 0)[None]
-        high = (mn > hi_t) & present
-        mixed = ~high & ~(mx <= lo_t) & present
+        mixed, (above_hi, above_lo, above) = self._classify(x, (hi_t, lo_t, thr))
         cnt = self.cnt[None]
-        high_px = (high * cnt).flatten(1).sum(dim=1)
-        inter, union, area = high_px.clone(), high_px.clone(), high_px.clone()
+        inter, union, area = ((a * cnt).flatten(1).sum(dim=1) for a in (above_hi, above_lo, above))
 
         big = torch.iinfo(torch.int64).max
         top = torch.full((n,), big, dtype=torch.int64, device=dev)
         left = torch.full((n,), big, dtype=torch.int64, device=dev)
         bottom = torch.full((n,), -1, dtype=torch.int64, device=dev)
         right = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        # extents of the high tiles
-        rows_any = high.any(dim=2)
-        cols_any = high.any(dim=1)
+        # extents of the tiles known to be wholly in the mask
+        rows_any = above.any(dim=2)
+        cols_any = above.any(dim=1)
         has = rows_any.any(dim=1)
         if has.any():
             ar_r = torch.arange(self.rows, device=dev)

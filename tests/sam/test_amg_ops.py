@@ -160,11 +160,13 @@ def test_remove_small_regions_hand_computed_and_matches_reference(mode):
      (512, 128, (300, 512), (90, 153)), (1024, 256, (1024, 1024), (692, 567)),
      (512, 128, (512, 512), (2000, 2000))],
 )
-def test_tiled_statistics_match_dense(model_size, low, input_size, out):
+@pytest.mark.parametrize("scale", [30.0, 1.5])
+def test_tiled_statistics_match_dense(model_size, low, input_size, out, scale):
     """Stability, area and boxes from the tiled evaluation equal the dense upsampling's
-    up to float rounding (a pixel here and there out of millions)."""
+    up to float rounding (a pixel here and there out of millions), for steep logits and
+    for flat ones (many tiles between the stability thresholds)."""
     g = torch.Generator().manual_seed(low + out[0])
-    coarse = torch.randn(12, 1, low // 16, low // 16, generator=g) * 30
+    coarse = torch.randn(12, 1, low // 16, low // 16, generator=g) * scale
     logits = F.interpolate(coarse, (low, low), mode="bilinear", align_corners=False)[:, 0]
     logits[0] = -5.0  # empty mask
     logits[1] = 5.0  # full mask
@@ -181,6 +183,28 @@ def test_tiled_statistics_match_dense(model_size, low, input_size, out):
     # evaluated a few tiles at a time (bounded memory): the same numbers
     for got, want in zip(tiled.stats(logits, 0.0, 1.0, max_pixels=5000), (stab, area, boxes)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_tiles_between_the_thresholds_need_no_evaluation():
+    """A logit map lying wholly between two thresholds is known without evaluating a
+    tile: above the low one and the mask threshold everywhere, above the high one
+    nowhere (stability 0, full area, full box); one map crossing the mask threshold
+    is evaluated only along that edge."""
+    tiled = ops.TiledUpsampler(512, (128, 128), (512, 384), (600, 450), torch.device("cpu"))
+    flat = torch.full((1, 128, 128), 0.5)
+    assert tiled.mixed_fraction(flat, 0.0, 1.0) == 0.0
+    stab, area, boxes = tiled.stats(flat, 0.0, 1.0)
+    assert stab.item() == 0.0 and area.item() == 600 * 450
+    assert boxes.tolist() == [[0, 0, 449, 599]]
+    step = torch.full((1, 128, 128), -0.5)
+    step[:, :, 64:] = 0.5  # one vertical edge at the mask threshold, all within +-1
+    frac = tiled.mixed_fraction(step, 0.0, 1.0)
+    assert 0.0 < frac < 0.05
+    full = ops.upsample_logits(step, 512, (512, 384), (600, 450))
+    stab, area, boxes = tiled.stats(step, 0.0, 1.0)
+    assert area.item() == (full > 0).sum().item()
+    assert boxes.tolist() == ops.masks_to_boxes(full > 0).tolist()
+    assert stab.item() == 0.0
 
 
 def test_fast_runs_equal_simple_runs():
