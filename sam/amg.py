@@ -378,23 +378,38 @@ class SamAutomaticMaskGenerator:
             "alive_idx": alive_idx,
         }
 
+    # per mask, tiles are cheaper than dense upsampling while under about this share of
+    # the output must be evaluated (the tiles' cost estimate of `mixed_fraction`;
+    # measured on the CPU with the tiny model on photos)
+    DENSE_FRACTION = 0.5
+
     def _stats(self, low_res: torch.Tensor, geometry: ops.TiledUpsampler):
-        """Stability, area and boxes of the upsampled masks: tiled where masks are
-        mostly far from their threshold, dense upsampling (in bounded chunks) otherwise."""
+        """Stability, area and boxes of the upsampled masks: tiled for the masks that are
+        mostly far from their threshold, dense upsampling (in bounded chunks) for the
+        others."""
         thr, off = self.model.mask_threshold, self.stability_score_offset
         # (the tiles' shortcut assumes thr - off <= thr <= thr + off)
-        if off < 0 or geometry.mixed_fraction(low_res, thr, off) >= 0.25:
+        if off < 0:
             return self._dense_stats(low_res, geometry)
+        dense = geometry.mixed_fraction(low_res, thr, off) >= self.DENSE_FRACTION
+        if dense.all():
+            return self._dense_stats(low_res, geometry)
+        tiled = ~dense
         # a tile pixel holds ~5x the bytes of a dense logit: the same memory bound
-        stab, area, boxes = geometry.stats(low_res, thr, off, self.max_upsample_pixels // 5)
+        stab, area, boxes = geometry.stats(low_res[tiled], thr, off, self.max_upsample_pixels // 5)
         # Tiled sums differ from the reference's by float rounding only (a few pixels in a
         # million); where that could flip the stability filter, use the exact numbers.
         close = (stab - self.stability_score_thresh).abs() < 1e-4
-        if close.any():
-            idx = close.nonzero()[:, 0]
-            s2, a2, b2 = self._dense_stats(low_res[idx], geometry)
-            stab[idx], area[idx], boxes[idx] = s2, a2, b2
-        return stab, area, boxes
+        redo = dense.clone()
+        redo[tiled.nonzero()[close.nonzero()[:, 0], 0]] = True
+        out_stab = torch.empty(low_res.shape[0], dtype=stab.dtype, device=stab.device)
+        out_area = torch.empty(low_res.shape[0], dtype=area.dtype, device=area.device)
+        out_boxes = torch.empty(low_res.shape[0], 4, dtype=boxes.dtype, device=boxes.device)
+        out_stab[tiled], out_area[tiled], out_boxes[tiled] = stab, area, boxes
+        if redo.any():
+            s2, a2, b2 = self._dense_stats(low_res[redo], geometry)
+            out_stab[redo], out_area[redo], out_boxes[redo] = s2, a2.to(area.dtype), b2.to(boxes.dtype)
+        return out_stab, out_area, out_boxes
 
     def _chunk(self, geometry: ops.TiledUpsampler) -> int:
         """Masks per dense upsampling call, bounded by `max_upsample_pixels` for both the

@@ -268,13 +268,14 @@ class TiledUpsampler:
         mixed &= present
         return mixed, [a & ~mixed for a in above]
 
-    def mixed_fraction(self, low_res: torch.Tensor, thr: float, offset: float) -> float:
-        """Share of output pixels in tiles that must be evaluated (cost estimate)."""
+    def mixed_fraction(self, low_res: torch.Tensor, thr: float, offset: float) -> torch.Tensor:
+        """Per mask (N,): the share of output pixels in tiles that must be evaluated (a
+        cost estimate, counting every tile at its largest size)."""
         x = low_res[:, : self.rows, : self.cols].float()
         mixed, _ = self._classify(x, (thr + offset, thr - offset, thr))
         g = self.wr.shape[1] * self.wc.shape[1]
         total = self.out_size[0] * self.out_size[1]
-        return float(mixed.sum()) * g / max(1, total * x.shape[0])
+        return mixed.flatten(1).sum(dim=1).float() * g / max(1, total)
 
     def stats(
         self, low_res: torch.Tensor, thr: float, offset: float, max_pixels: int | None = None

@@ -192,13 +192,13 @@ def test_tiles_between_the_thresholds_need_no_evaluation():
     is evaluated only along that edge."""
     tiled = ops.TiledUpsampler(512, (128, 128), (512, 384), (600, 450), torch.device("cpu"))
     flat = torch.full((1, 128, 128), 0.5)
-    assert tiled.mixed_fraction(flat, 0.0, 1.0) == 0.0
+    assert tiled.mixed_fraction(flat, 0.0, 1.0).tolist() == [0.0]
     stab, area, boxes = tiled.stats(flat, 0.0, 1.0)
     assert stab.item() == 0.0 and area.item() == 600 * 450
     assert boxes.tolist() == [[0, 0, 449, 599]]
     step = torch.full((1, 128, 128), -0.5)
     step[:, :, 64:] = 0.5  # one vertical edge at the mask threshold, all within +-1
-    frac = tiled.mixed_fraction(step, 0.0, 1.0)
+    frac = tiled.mixed_fraction(step, 0.0, 1.0).item()
     assert 0.0 < frac < 0.05
     full = ops.upsample_logits(step, 512, (512, 384), (600, 450))
     stab, area, boxes = tiled.stats(step, 0.0, 1.0)
