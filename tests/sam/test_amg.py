@@ -298,3 +298,28 @@ def test_thin_images(models, shape):
         if m.any():
             ys, xs = np.nonzero(m)
             assert r["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+
+
+def test_stats_mixing_tiles_and_dense_upsampling_match_dense(models):
+    """Masks sent to the tiles and masks sent to dense upsampling in one batch come back
+    in their places with the dense path's numbers (up to float rounding)."""
+    import torch.nn.functional as F
+
+    from sam import amg_ops as ops
+
+    ours, _ = models
+    gen = SamAutomaticMaskGenerator(ours)
+    g = torch.Generator().manual_seed(7)
+    steep = F.interpolate(torch.randn(4, 1, 8, 8, generator=g) * 30, (128, 128), mode="bilinear")
+    noisy = torch.randn(4, 1, 128, 128, generator=g) * 3  # edges everywhere: dense
+    low_res = torch.cat([steep, noisy])[torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])][:, 0]
+    geo = ops.TiledUpsampler(512, (128, 128), (384, 512), (300, 400), ours.device)
+    low_res = low_res.to(ours.device)
+    frac = geo.mixed_fraction(low_res, 0.0, 1.0)
+    dense = frac >= gen.DENSE_FRACTION
+    assert dense.tolist() == [False, True] * 4
+    stab, area, boxes = gen._stats(low_res, geo)
+    s2, a2, b2 = gen._dense_stats(low_res, geo)
+    torch.testing.assert_close(stab.cpu(), s2.cpu(), rtol=0, atol=1e-4)
+    assert (area - a2).abs().max() <= 2
+    assert (boxes - b2).abs().max() <= 1
