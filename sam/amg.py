@@ -389,27 +389,23 @@ class SamAutomaticMaskGenerator:
         others."""
         thr, off = self.model.mask_threshold, self.stability_score_offset
         # (the tiles' shortcut assumes thr - off <= thr <= thr + off)
-        if off < 0:
-            return self._dense_stats(low_res, geometry)
-        dense = geometry.mixed_fraction(low_res, thr, off) >= self.DENSE_FRACTION
-        if dense.all():
+        dense = None if off < 0 else geometry.mixed_fraction(low_res, thr, off) >= self.DENSE_FRACTION
+        if dense is None or dense.all():
             return self._dense_stats(low_res, geometry)
         tiled = ~dense
         # a tile pixel holds ~5x the bytes of a dense logit: the same memory bound
-        stab, area, boxes = geometry.stats(low_res[tiled], thr, off, self.max_upsample_pixels // 5)
+        part = geometry.stats(low_res[tiled], thr, off, self.max_upsample_pixels // 5)
+        out = [torch.empty((len(low_res), *t.shape[1:]), dtype=t.dtype, device=t.device) for t in part]
+        for o, t in zip(out, part):
+            o[tiled] = t
         # Tiled sums differ from the reference's by float rounding only (a few pixels in a
         # million); where that could flip the stability filter, use the exact numbers.
-        close = (stab - self.stability_score_thresh).abs() < 1e-4
         redo = dense.clone()
-        redo[tiled.nonzero()[close.nonzero()[:, 0], 0]] = True
-        out_stab = torch.empty(low_res.shape[0], dtype=stab.dtype, device=stab.device)
-        out_area = torch.empty(low_res.shape[0], dtype=area.dtype, device=area.device)
-        out_boxes = torch.empty(low_res.shape[0], 4, dtype=boxes.dtype, device=boxes.device)
-        out_stab[tiled], out_area[tiled], out_boxes[tiled] = stab, area, boxes
+        redo[tiled] = (part[0] - self.stability_score_thresh).abs() < 1e-4
         if redo.any():
-            s2, a2, b2 = self._dense_stats(low_res[redo], geometry)
-            out_stab[redo], out_area[redo], out_boxes[redo] = s2, a2.to(area.dtype), b2.to(boxes.dtype)
-        return out_stab, out_area, out_boxes
+            for o, t in zip(out, self._dense_stats(low_res[redo], geometry)):
+                o[redo] = t
+        return tuple(out)
 
     def _chunk(self, geometry: ops.TiledUpsampler) -> int:
         """Masks per dense upsampling call, bounded by `max_upsample_pixels` for both the
