@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import shlex
 import sys
@@ -511,6 +512,22 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def mean_state_dict(paths: list[str]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the state dicts in `paths` (one path: its weights as
+    they are). All must hold the same keys and shapes."""
+    first = torch.load(paths[0], map_location="cpu", weights_only=True)
+    if len(paths) == 1:
+        return first
+    total = {k: v.double() for k, v in first.items()}
+    for q in paths[1:]:
+        sd = torch.load(q, map_location="cpu", weights_only=True)
+        if set(sd) != set(total) or any(sd[k].shape != total[k].shape for k in total):
+            raise ValueError(f"{q}: its keys or shapes differ from those of {paths[0]}")
+        for k in total:
+            total[k] += sd[k].double()
+    return {k: (v / len(paths)).to(first[k].dtype) for k, v in total.items()}
+
+
 def train(
     out: str,
     steps: int,
@@ -535,7 +552,7 @@ def train(
     loss: str = "bce",
     device: str | None = None,
     target_scale: int = 2,
-    init: str | None = None,
+    init: str | list[str] | None = None,
 ) -> dict:
     """Train and write ``out`` (state dict) plus ``out`` with ``.json`` (metadata)."""
     cfg = model_config(config) if isinstance(config, str) else validate_config(dict(config))
@@ -551,9 +568,12 @@ def train(
     model = build_model(cfg)
     init_info = None
     if init:
-        model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
-        init_info = {"path": os.path.basename(init), "sha256": sha256_file(init)}
-        log.info("initialised from %s", init)
+        paths = [init] if isinstance(init, str) else list(init)
+        model.load_state_dict(mean_state_dict(paths))
+        init_info = {"path": os.path.basename(paths[0]), "sha256": sha256_file(paths[0])}
+        if len(paths) > 1:  # weight averaging: the element-wise mean of several runs' weights
+            init_info = {"mean_of": [{"path": os.path.basename(q), "sha256": sha256_file(q)} for q in paths]}
+        log.info("initialised from %s", " + ".join(paths) if len(paths) < 2 else f"the mean of {', '.join(paths)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -856,7 +876,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", type=int, default=1, help="data generation processes")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--init", default=None, help="start from these weights (a state dict)")
+    p.add_argument(
+        "--init",
+        nargs="+",
+        default=None,
+        metavar="PTH",
+        help="start from these weights (a state dict); from the element-wise mean of several",
+    )
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--resume", action="store_true", help="continue from <out>.state")
     p.add_argument(
@@ -925,8 +951,14 @@ def main(argv=None):
     except ValueError as e:
         msg = str(e)
         p.error(msg if msg.startswith("--") else "--" + msg.replace("_", "-", 1))
-    if a.init and not os.path.isfile(a.init):
-        p.error(f"--init {a.init}: no such file")
+    for q in a.init or []:
+        if not os.path.isfile(q):
+            p.error(f"--init {q}: no such file")
+    if a.init:
+        try:
+            mean_state_dict(a.init)
+        except (ValueError, RuntimeError, pickle.UnpicklingError) as e:
+            p.error(f"--init: {e}")
     train(a.out, a.steps, **kw)
 
 

@@ -417,6 +417,35 @@ def test_data_argument_from_a_file_and_unknown_keys_in_the_api(tmp_path):
         T.train(out=str(tmp_path / "m.pth"), steps=0, data={"nope": 1})
 
 
+def test_init_from_several_checkpoints_starts_from_their_mean(tmp_path, capsys):
+    """--init with several state dicts starts from their element-wise mean (weight
+    averaging) and records each input; inputs that do not fit together are refused."""
+    paths = []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f"w{seed}.pth"))
+        torch.save(T.build_model(MICRO).state_dict(), paths[-1])
+    sds = [torch.load(q, weights_only=True) for q in paths]
+    mean = T.mean_state_dict(paths)
+    for k in ("image_encoder.patch_embed.proj.weight", "mask_decoder.iou_token.weight"):
+        torch.testing.assert_close(mean[k], (sds[0][k] + sds[1][k] + sds[2][k]) / 3)
+    assert T.mean_state_dict(paths[:1])["mask_decoder.iou_token.weight"].equal(sds[0]["mask_decoder.iou_token.weight"])
+    out = str(tmp_path / "avg.pth")
+    meta = T.train(out, steps=1, seed=0, config=MICRO, batch=1, prompts=2, lr=1e-12, warmup=0,
+                   workers=0, threads=1, save_every=0, data=SMALL_DATA, progress=False, init=paths[:2])
+    assert [m["path"] for m in meta["init"]["mean_of"]] == ["w0.pth", "w1.pth"]
+    assert meta["init"]["mean_of"][1]["sha256"] == hashlib.sha256(open(paths[1], "rb").read()).hexdigest()
+    got = torch.load(out, weights_only=True)["mask_decoder.iou_token.weight"]
+    want = (sds[0]["mask_decoder.iou_token.weight"] + sds[1]["mask_decoder.iou_token.weight"]) / 2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # one step at lr 1e-12 moves nothing
+    other = str(tmp_path / "other.pth")
+    torch.save({k: v for k, v in sds[0].items() if not k.startswith("mask_decoder")}, other)
+    with pytest.raises(SystemExit) as e:
+        T.main(["--out", str(tmp_path / "m.pth"), "--steps", "1", "--config", "tiny", "--init", paths[0], other])
+    assert e.value.code == 2
+    assert "other.pth: its keys or shapes differ" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
