@@ -204,8 +204,9 @@ class TiledUpsampler:
     neighbourhood of low-res logits. Output pixels are grouped into tiles that share a
     neighbourhood: a tile whose neighbourhood lies entirely above `thr + offset` (or at
     or below `thr - offset`) is known without computing it; only the tiles near a mask
-    boundary ("mixed") are evaluated, as small matrix products. This gives the
-    stability score, area and box of every mask at a small fraction of the cost.
+    boundary ("mixed") are evaluated, as small matrix products grouped by tile shape so
+    that none is padded. This gives the stability score, area and box of every mask at
+    a small fraction of the cost.
     """
 
     def __init__(
@@ -258,8 +259,7 @@ class TiledUpsampler:
         threshold falls within the range of their 3x3 neighbourhood), and for each
         threshold the tiles known to lie wholly above it. A tile between two thresholds
         (flat logits near a boundary) is known for all of them without evaluation."""
-        mx = F.max_pool2d(x[:, None], 3, 1, 1)[:, 0]
-        mn = -F.max_pool2d(-x[:, None], 3, 1, 1)[:, 0]
+        mx, mn = _neighbourhood_max_min(x)
         present = (self.cnt > 0)[None]
         above = [(mn > t + self.MARGIN) & present for t in thresholds]
         mixed = torch.zeros(mn.shape, dtype=torch.bool, device=mn.device)
@@ -270,12 +270,11 @@ class TiledUpsampler:
 
     def mixed_fraction(self, low_res: torch.Tensor, thr: float, offset: float) -> torch.Tensor:
         """Per mask (N,): the share of output pixels in tiles that must be evaluated (a
-        cost estimate, counting every tile at its largest size)."""
+        cost estimate of the tiled statistics against dense upsampling)."""
         x = low_res[:, : self.rows, : self.cols].float()
         mixed, _ = self._classify(x, (thr + offset, thr - offset, thr))
-        g = self.wr.shape[1] * self.wc.shape[1]
         total = self.out_size[0] * self.out_size[1]
-        return mixed.flatten(1).sum(dim=1).float() * g / max(1, total)
+        return (mixed * self.cnt[None]).flatten(1).sum(dim=1).float() / max(1, total)
 
     def stats(
         self, low_res: torch.Tensor, thr: float, offset: float, max_pixels: int | None = None
@@ -290,7 +289,7 @@ class TiledUpsampler:
         hi_t, lo_t = thr + offset, thr - offset
         mixed, (above_hi, above_lo, above) = self._classify(x, (hi_t, lo_t, thr))
         cnt = self.cnt[None]
-        inter, union, area = ((a * cnt).flatten(1).sum(dim=1) for a in (above_hi, above_lo, above))
+        sums = [(a * cnt).flatten(1).sum(dim=1) for a in (above_hi, above_lo, above)]
 
         big = torch.iinfo(torch.int64).max
         top = torch.full((n,), big, dtype=torch.int64, device=dev)
@@ -312,43 +311,70 @@ class TiledUpsampler:
             bottom = torch.where(has, self.r_start[r1] + self.r_len[r1] - 1, bottom)
             left = torch.where(has, self.c_start[c0], left)
             right = torch.where(has, self.c_start[c1] + self.c_len[c1] - 1, right)
-        idx = mixed.nonzero()
+        box = (top, left, bottom, right)
+
+        # The mixed tiles, grouped by shape (rows x columns of output pixels) so that each
+        # group is evaluated at its exact size: no padding to the largest (edge) tile.
+        mi, ri, ci = mixed.nonzero().unbind(1)
+        gc = self.wc.shape[1]
+        shape = self.r_len[ri] * (gc + 1) + self.c_len[ci]
+        order = torch.argsort(shape, stable=True)
+        keys, counts = torch.unique_consecutive(shape[order], return_counts=True)
         windows = F.pad(x, (1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1)  # a view
-        gr, gc = self.wr.shape[1], self.wc.shape[1]
-        step = len(idx) if max_pixels is None else max(1, max_pixels // (gr * gc))
-        for s in range(0, len(idx), max(1, step)):
-            mi, ri, ci = idx[s : s + step].unbind(1)
-            win = windows[mi, ri, ci]  # (M, 3, 3)
-            v = torch.bmm(torch.bmm(self.wr[ri], win), self.wc[ci].transpose(1, 2))
-            valid = (torch.arange(gr, device=dev)[None, :, None] < self.r_len[ri][:, None, None]) & (
-                torch.arange(gc, device=dev)[None, None, :] < self.c_len[ci][:, None, None]
-            )
-            v = v.masked_fill_(~valid, float("-inf"))
-            # float sums vectorise far better than boolean ones on the CPU
-            counts = torch.stack([v > hi_t, v > lo_t, v > thr], dim=1).flatten(2).float().sum(dim=2)
-            counts = counts.round().long()
-            inter.index_add_(0, mi, counts[:, 0])
-            union.index_add_(0, mi, counts[:, 1])
-            area.index_add_(0, mi, counts[:, 2])
-            pos = v > thr
-            pr, pc = pos.any(dim=2), pos.any(dim=1)
-            some = pr.any(dim=1)
-            ar_gr = torch.arange(gr, device=dev)
-            ar_gc = torch.arange(gc, device=dev)
-            t = self.r_start[ri] + torch.where(pr, ar_gr, gr).amin(dim=1)
-            b = self.r_start[ri] + torch.where(pr, ar_gr, -1).amax(dim=1)
-            lft = self.c_start[ci] + torch.where(pc, ar_gc, gc).amin(dim=1)
-            rgt = self.c_start[ci] + torch.where(pc, ar_gc, -1).amax(dim=1)
-            ms = mi[some]
-            top.scatter_reduce_(0, ms, t[some], "amin")
-            left.scatter_reduce_(0, ms, lft[some], "amin")
-            bottom.scatter_reduce_(0, ms, b[some], "amax")
-            right.scatter_reduce_(0, ms, rgt[some], "amax")
+        s = 0
+        for key, count in zip(keys.tolist(), counts.tolist()):
+            h, w = divmod(key, gc + 1)
+            step = count if max_pixels is None else max(1, max_pixels // (h * w))
+            for a in range(s, s + count, step):
+                sel = order[a : min(a + step, s + count)]
+                self._evaluate(windows, mi[sel], ri[sel], ci[sel], (h, w), (hi_t, lo_t, thr), sums, box)
+            s += count
+        inter, union, area = sums
         stability = inter.float() / union.float()
         boxes = torch.stack([left, top, right, bottom], dim=1)
         empty = area == 0
         boxes = torch.where(empty[:, None], torch.zeros_like(boxes), boxes)
         return stability, area, boxes
+
+    def _evaluate(self, windows, mi, ri, ci, size, thresholds, sums, box) -> None:
+        """Upsample the tiles (mask mi, tile row ri, tile column ci), all of `size`
+        output pixels, and add their pixel counts above each threshold to `sums` and
+        their mask pixels' extents to `box` (top, left, bottom, right), in place."""
+        h, w = size
+        win = windows[mi, ri, ci]  # (M, 3, 3)
+        v = torch.bmm(torch.bmm(self.wr[:, :h][ri], win), self.wc[:, :w][ci].transpose(1, 2))
+        flat = v.flatten(1)
+        for total, t in zip(sums, thresholds):
+            # float sums vectorise far better than boolean ones on the CPU
+            total.index_add_(0, mi, (flat > t).float().sum(dim=1).round().long())
+        pos = v > thresholds[2]
+        in_rows = pos.any(dim=2)
+        some = in_rows.any(dim=1)
+        rows = in_rows.view(torch.uint8)
+        cols = pos.any(dim=1).view(torch.uint8)
+        # first and last rows (columns) holding a mask pixel: argmax gives the first maximum
+        r0, c0 = self.r_start[ri], self.c_start[ci]
+        ends = (
+            r0 + rows.argmax(dim=1),
+            c0 + cols.argmax(dim=1),
+            r0 + (h - 1) - rows.flip(1).argmax(dim=1),
+            c0 + (w - 1) - cols.flip(1).argmax(dim=1),
+        )
+        ms = mi[some]
+        for b, e, how in zip(box, ends, ("amin", "amin", "amax", "amax")):
+            b.scatter_reduce_(0, ms, e[some], how)
+
+
+def _neighbourhood_max_min(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and min over the 3x3 neighbourhood of each cell of x (N, H, W), of the cells
+    present (an edge replicated adds no new value); separable, so four elementwise
+    passes each rather than a pooling kernel."""
+    p = F.pad(x[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+    out = []
+    for op in (torch.maximum, torch.minimum):
+        m = op(op(p[:, :-2], p[:, 1:-1]), p[:, 2:])
+        out.append(op(op(m[:, :, :-2], m[:, :, 1:-1]), m[:, :, 2:]))
+    return out[0], out[1]
 
 
 def masks_to_runs_fast(

@@ -185,6 +185,15 @@ def test_tiled_statistics_match_dense(model_size, low, input_size, out, scale):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, equal_nan=True)
 
 
+def test_neighbourhood_max_min_equal_pooling():
+    """The separable 3x3 max and min used to classify tiles equal max pooling over the
+    cells present (edges and corners included)."""
+    x = torch.randn(3, 7, 11, generator=torch.Generator().manual_seed(5))
+    mx, mn = ops._neighbourhood_max_min(x)
+    torch.testing.assert_close(mx, F.max_pool2d(x[:, None], 3, 1, 1)[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(mn, -F.max_pool2d(-x[:, None], 3, 1, 1)[:, 0], rtol=0, atol=0)
+
+
 def test_tiles_between_the_thresholds_need_no_evaluation():
     """A logit map lying wholly between two thresholds is known without evaluating a
     tile: above the low one and the mask threshold everywhere, above the high one
