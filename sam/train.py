@@ -570,10 +570,10 @@ def train(
     if init:
         paths = [init] if isinstance(init, str) else list(init)
         model.load_state_dict(mean_state_dict(paths))
-        init_info = {"path": os.path.basename(paths[0]), "sha256": sha256_file(paths[0])}
-        if len(paths) > 1:  # weight averaging: the element-wise mean of several runs' weights
-            init_info = {"mean_of": [{"path": os.path.basename(q), "sha256": sha256_file(q)} for q in paths]}
-        log.info("initialised from %s", " + ".join(paths) if len(paths) < 2 else f"the mean of {', '.join(paths)}")
+        inputs = [{"path": os.path.basename(q), "sha256": sha256_file(q)} for q in paths]
+        # several: weight averaging, the element-wise mean of several runs' weights
+        init_info = inputs[0] if len(paths) == 1 else {"mean_of": inputs}
+        log.info("initialised from %s", paths[0] if len(paths) == 1 else "the mean of " + ", ".join(paths))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

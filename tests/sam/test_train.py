@@ -438,6 +438,11 @@ def test_init_from_several_checkpoints_starts_from_their_mean(tmp_path, capsys):
     got = torch.load(out, weights_only=True)["mask_decoder.iou_token.weight"]
     want = (sds[0]["mask_decoder.iou_token.weight"] + sds[1]["mask_decoder.iou_token.weight"]) / 2
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # one step at lr 1e-12 moves nothing
+    one = T.train(out, steps=1, seed=0, config=MICRO, batch=1, prompts=2, lr=1e-12, warmup=0,
+                  workers=0, threads=1, save_every=0, data=SMALL_DATA, progress=False, init=paths[2])
+    assert one["init"] == {"path": "w2.pth", "sha256": hashlib.sha256(open(paths[2], "rb").read()).hexdigest()}
+    got = torch.load(out, weights_only=True)["mask_decoder.iou_token.weight"]
+    torch.testing.assert_close(got, sds[2]["mask_decoder.iou_token.weight"], rtol=0, atol=1e-6)
     other = str(tmp_path / "other.pth")
     torch.save({k: v for k, v in sds[0].items() if not k.startswith("mask_decoder")}, other)
     with pytest.raises(SystemExit) as e:
