@@ -12,9 +12,10 @@ grid); ``--profile ROWS`` adds the top operators of one bf16 generate; ``vit_h``
 default models on CUDA. "fp32" means PyTorch's defaults, the same for both sides: matmuls
 in full fp32, convolutions allowed TF32 by cuDNN.
 
-Note: `vit_b` runs with seeded random weights (no official weights here); its masks are
-few, so its figures mostly measure the encoder and decoder. The tiny model is trained
-and yields realistic mask counts.
+Note: without ``--checkpoint`` the ViTs run with seeded random weights (no official
+weights here); their masks are few, so their figures mostly measure the encoder and
+decoder. The tiny model is trained and yields realistic mask counts. ``--models vit_h
+--checkpoint sam_vit_h_4b8939.pth`` measures an official checkpoint (both sides load it).
 """
 
 from __future__ import annotations
@@ -54,13 +55,19 @@ def _instrument_reference(gen, timings):
 
 
 def run_model(
-    name: str, images, preset: str, device: str, overrides: dict | None = None, profile: int = 0
+    name: str,
+    images,
+    preset: str,
+    device: str,
+    overrides: dict | None = None,
+    profile: int = 0,
+    checkpoint: str | None = None,
 ) -> None:
     import segment_anything
 
     from sam.amg import PRESETS, SamAutomaticMaskGenerator
 
-    ours, ref = model_pair(name, device)
+    ours, ref = model_pair(name, device, checkpoint)
     settings = {**PRESETS[preset], **(overrides or {})}
     gen = SamAutomaticMaskGenerator(ours, output_mode="coco_rle", **settings)
     rgen = segment_anything.SamAutomaticMaskGenerator(ref, output_mode="coco_rle", **settings)
@@ -247,7 +254,12 @@ def main() -> None:
     ap.add_argument("--stability-score-thresh", type=float, default=None)
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="CUDA: also profile one bf16 generate and print its top ROWS operators")
+    ap.add_argument("--checkpoint", default=None,
+                    help="weights for the one model of --models (a path or fsspec URL, e.g. "
+                         "the official sam_vit_h_4b8939.pth), given to both sides")
     args = ap.parse_args()
+    if args.checkpoint is not None and (args.models is None or len(args.models) != 1):
+        ap.error(f"--checkpoint {args.checkpoint}: name the one model it holds with --models")
     overrides = {k: v for k, v in [("pred_iou_thresh", args.pred_iou_thresh),
                                    ("stability_score_thresh", args.stability_score_thresh)]
                  if v is not None}
@@ -255,7 +267,7 @@ def main() -> None:
     print("images: " + ", ".join(f"{n} {im.shape[1]}x{im.shape[0]}" for n, im in images))
     models = args.models or ["tiny", "vit_b", *(["vit_h"] if args.device == "cuda" else [])]
     for m in models:
-        run_model(m, images, args.preset, args.device, overrides, args.profile)
+        run_model(m, images, args.preset, args.device, overrides, args.profile, args.checkpoint)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 #   [PHASES="tests amg amg_tiny train predictor"] bash bench/gpu_session.sh OUTDIR [TRAIN_MINUTES] [BUDGET_SECONDS]
 #
 # PHASES picks and orders the phases (default: all, as above); PROFILE=ROWS adds the top
-# operators of one bf16 generate to the amg phases. Every phase is capped so
+# operators of one bf16 generate to the amg phases; VIT_H_CHECKPOINT=PATH (e.g. the official
+# sam_vit_h_4b8939.pth) makes the amg phase time vit_h with those weights instead of the
+# ViTs' seeded random ones. Every phase is capped so
 # the whole script ends inside BUDGET_SECONDS (default 570); training gets what the
 # phases after it leave, at most TRAIN_MINUTES. Logs, the trained checkpoint and each
 # phase's exit status (OUTDIR/session.txt) land in OUTDIR as each phase ends. The
@@ -90,9 +92,12 @@ for p in $PHASES; do
     tests) SAM_TEST_DEVICE=cuda phase tests "${CAP[tests]}" $PY -m pytest -q -p no:cacheprovider \
         tests/sam/test_amg.py tests/sam/test_precision.py ;;
     train) train ;;
-    # the ViTs (seeded random weights) at the default preset, 1500x2250 as in the target
-    amg) phase amg "${CAP[amg]}" $PY -m bench.amg --models vit_h vit_b --images 2 --size 1500 2250 \
-        --profile "${PROFILE:-0}" ;;
+    # the ViTs (seeded random weights, or vit_h from VIT_H_CHECKPOINT) at the default
+    # preset, 1500x2250 as in the target
+    amg) if [ -n "${VIT_H_CHECKPOINT:-}" ]; then AMG_MODELS=(vit_h --checkpoint "$VIT_H_CHECKPOINT")
+         else AMG_MODELS=(vit_h vit_b); fi
+         phase amg "${CAP[amg]}" $PY -m bench.amg --models "${AMG_MODELS[@]}" --images 2 \
+        --size 1500 2250 --profile "${PROFILE:-0}" ;;
     # the trained tiny model at its preset, where it keeps many masks: filtering, NMS and
     # RLE run on CUDA
     amg_tiny) phase amg_tiny "${CAP[amg_tiny]}" $PY -m bench.amg --models tiny --images 2 \

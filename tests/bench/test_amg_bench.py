@@ -38,3 +38,28 @@ def test_decoder_agreement_reports_close_bf16_masks():
     assert "(4x4 grid, 48 masks)" in line
     mean_iou = float(line.split("mean mask IoU ")[1].split(",")[0])
     assert 0.9 <= mean_iou <= 1.0, line
+
+
+def test_checkpoint_weights_reach_both_sides(tmp_path, monkeypatch, capsys):
+    """`--checkpoint` loads the given weights into our model and the reference's alike
+    (not the bundled or seeded ones), and is refused without the one model it holds."""
+    import sys
+
+    import torch
+
+    from bench import amg
+    from bench.common import model_pair
+
+    sd = sam_model_registry["tiny"]().state_dict()
+    sd = {k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}
+    path = tmp_path / "shifted.pth"
+    torch.save(sd, path)
+    ours, ref = model_pair("tiny", "cpu", str(path))
+    for model in (ours, ref):
+        got = model.state_dict()
+        assert all(torch.equal(got[k], sd[k]) for k in sd)
+    monkeypatch.setattr(sys, "argv", ["bench.amg", "--checkpoint", str(path)])
+    with pytest.raises(SystemExit) as e:
+        amg.main()
+    assert e.value.code == 2
+    assert "name the one model it holds with --models" in capsys.readouterr().err
