@@ -64,11 +64,11 @@ def model_pair(name: str, device: str, checkpoint: str | None = None):
     """Our model and the reference's with identical weights: those of `checkpoint` (a
     path or fsspec URL, e.g. an official file), else the bundled tiny model, or seeded
     random weights for the ViT models (no official weights here)."""
-    from sam import build_sam, build_sam_from_config, model_config, sam_model_registry
+    from sam import build_sam, build_sam_from_config, model_config
     from tests.reference import build_reference_sam
 
     if checkpoint is not None or name == "tiny":
-        ours = build_sam(name, checkpoint) if checkpoint is not None else sam_model_registry[name]()
+        ours = build_sam(name, checkpoint)  # no checkpoint: the bundled tiny weights
         ref = build_reference_sam(model_config(name), ours.state_dict())
     else:
         ref, sd = seeded_reference(name, device=device)

@@ -384,9 +384,9 @@ class SamAutomaticMaskGenerator:
     DENSE_FRACTION = 0.9
 
     def _stats(self, low_res: torch.Tensor, geometry: ops.TiledUpsampler):
-        """Stability, area and boxes of the upsampled masks: tiled for the masks that are
-        mostly far from their threshold, dense upsampling (in bounded chunks) for the
-        others."""
+        """Stability, area and boxes of the upsampled masks: from tiles along each mask's
+        edges, or by dense upsampling (in bounded chunks) for the masks whose edge tiles
+        cover nearly all of the output (`DENSE_FRACTION`)."""
         thr, off = self.model.mask_threshold, self.stability_score_offset
         # (the tiles' shortcut assumes thr - off <= thr <= thr + off)
         dense = None if off < 0 else geometry.mixed_fraction(low_res, thr, off) >= self.DENSE_FRACTION
